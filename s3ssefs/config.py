@@ -1,0 +1,278 @@
+"""MountConfig: every mount option, validated once, in one place.
+
+The same table drives the long options of ``s3ssefs mount``, the ``-o name=value`` syntax of
+fstab and ``mount.s3ssefs``, the man page check in the tests, and the systemd instance file
+(``/etc/s3ssefs/NAME.conf`` holds ``name=value`` lines).  Nothing else in the package parses
+option strings: it receives a :class:`MountConfig`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """An option is unknown or its value is invalid; the message is one line for the user."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``2GiB``, ``1048576`` → bytes (binary units, as ``du`` and ``fio`` read them)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (examples: 4096, 64M, 2G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on", ""):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r} (use true or false)")
+
+
+def parse_timestamp(text: str) -> _dt.datetime:
+    try:
+        ts = _dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"not an ISO timestamp: {text!r} (example: 2026-10-01T12:00:00Z)") from None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=_dt.UTC)
+    return ts
+
+
+def parse_octal(text: str) -> int:
+    try:
+        v = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"not an octal mode: {text!r} (example: 022)") from None
+    if not 0 <= v <= 0o777:
+        raise ConfigError(f"umask out of range: {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"not a number: {text!r}") from None
+    if v < 0:
+        raise ConfigError(f"must not be negative: {text!r}")
+    return v
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise ConfigError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise ConfigError(f"must be positive: {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise ConfigError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise ConfigError(f"must not be negative: {text!r}")
+    return v
+
+
+def _log_level(text: str) -> str:
+    t = text.strip().upper()
+    if t not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"unknown log level {text!r} (debug, info, warning, error)")
+    return t
+
+
+def _sse(text: str) -> str:
+    t = text.strip()
+    if t == "c" or t == "s3" or (t.startswith("kms:") and len(t) > 4):
+        return t
+    raise ConfigError(f"unknown sse mode {text!r} (c, s3 or kms:KEYID)")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One mount option: its name (also the long option ``--name`` with ``-`` for ``_``)."""
+
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    flag: bool = False  # takes no value on the command line (``--read-only``)
+    metavar: str = "VALUE"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("keyfile", Path, "key file (TOML, mode 0600), see s3ssefs-keyfile(5)", metavar="PATH"),
+    Option("endpoint", str, "S3 endpoint URL (https://…); default: AWS", metavar="URL"),
+    Option("region", str, "S3 region (default from the AWS profile, else us-east-1)",
+           metavar="NAME"),
+    Option("profile", str, "AWS credentials profile name", metavar="NAME"),
+    Option("credentials_file", Path, "AWS shared credentials file to read", metavar="PATH"),
+    Option("ca_bundle", Path, "CA certificates to trust for the endpoint (wins over AWS_CA_BUNDLE)",
+           metavar="PATH"),
+    Option("cache_dir", Path, "directory for the encrypted block cache and write spill",
+           metavar="DIR"),
+    Option("cache_size", parse_size, "upper bound of the block cache on disk (e.g. 2G)",
+           metavar="SIZE"),
+    Option("read_only", parse_bool, "mount read-only", flag=True),
+    Option("as_of", parse_timestamp, "read-only view of a versioned bucket at this time",
+           metavar="TIMESTAMP"),
+    Option("allow_other", parse_bool, "let other users access the mount", flag=True),
+    Option("uid", _nonneg_int, "owner of objects that carry no uid metadata", metavar="UID"),
+    Option("gid", _nonneg_int, "group of objects that carry no gid metadata", metavar="GID"),
+    Option("umask", parse_octal, "umask applied to modes of objects without mode metadata",
+           metavar="OCTAL"),
+    Option("allow_http", parse_bool, "allow an http:// endpoint (loopback testing only)",
+           flag=True),
+    Option("foreground", parse_bool, "stay in the foreground", flag=True),
+    Option("log_level", _log_level, "debug, info, warning or error", metavar="LEVEL"),
+    Option("log_file", Path, "log here instead of stderr/syslog", metavar="PATH"),
+    Option("attr_ttl", _nonneg_float, "seconds attributes are cached", metavar="SECONDS"),
+    Option("dir_ttl", _nonneg_float, "seconds directory listings are cached", metavar="SECONDS"),
+    Option("block_size", parse_size, "read block size (ranged GET unit)", metavar="SIZE"),
+    Option("part_size", parse_size, "multipart upload part size (>= 5M)", metavar="SIZE"),
+    Option("multipart_threshold", parse_size, "files larger than this upload as multipart",
+           metavar="SIZE"),
+    Option("max_requests", _pos_int, "S3 requests in flight at once", metavar="N"),
+    Option("request_timeout", _nonneg_float,
+           "seconds before a request that keeps failing returns EIO", metavar="SECONDS"),
+    Option("sse", _sse, "encryption for writes: c (key file), s3 or kms:KEYID", metavar="MODE"),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+# Generic mount(8) options we accept and ignore (or map): fstab users write them.
+GENERIC_MOUNT_OPTIONS = ("rw", "ro", "noatime", "atime", "relatime", "nodev", "nosuid", "dev",
+                         "suid", "exec", "noexec", "auto", "noauto", "user", "nouser", "users",
+                         "_netdev", "nofail", "defaults", "async", "sync")
+
+
+@dataclass
+class MountConfig:
+    """Validated options of one mount (or of one ``rekey`` run, which uses the S3 half)."""
+
+    bucket: str
+    prefix: str = ""
+    mountpoint: Path | None = None
+    keyfile: Path | None = None
+    endpoint: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    credentials_file: Path | None = None
+    ca_bundle: Path | None = None
+    cache_dir: Path | None = None
+    cache_size: int = 2 << 30
+    read_only: bool = False
+    as_of: _dt.datetime | None = None
+    allow_other: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    umask: int = 0o022
+    allow_http: bool = False
+    foreground: bool = False
+    log_level: str = "INFO"
+    log_file: Path | None = None
+    attr_ttl: float = 10.0
+    dir_ttl: float = 10.0
+    block_size: int = 1 << 20
+    part_size: int = 16 << 20
+    multipart_threshold: int = 16 << 20
+    max_requests: int = 16
+    request_timeout: float = 60.0
+    sse: str = "c"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", self.bucket or ""):
+            raise ConfigError(f"not a bucket name: {self.bucket!r}")
+        self.prefix = self.prefix.strip("/")
+        if self.prefix:
+            self.prefix += "/"
+        if self.endpoint is not None:
+            if not re.match(r"^https?://", self.endpoint):
+                raise ConfigError(f"endpoint must start with https:// : {self.endpoint!r}")
+            if self.endpoint.startswith("http://") and not self.allow_http:
+                raise ConfigError(
+                    f"refusing plain-HTTP endpoint {self.endpoint}: SSE-C keys would cross the "
+                    "network in clear (use https://, or allow_http for loopback tests)")
+        if self.sse == "c" and self.keyfile is None:
+            raise ConfigError("--keyfile is required (or sse=s3 / sse=kms:KEYID)")
+        if self.as_of is not None:
+            self.read_only = True
+        if self.part_size < 5 << 20:
+            raise ConfigError("part_size must be at least 5M (the S3 minimum part size)")
+        if self.block_size < 4096 or self.block_size & (self.block_size - 1):
+            raise ConfigError("block_size must be a power of two of at least 4096")
+        if self.multipart_threshold < 1:
+            raise ConfigError("multipart_threshold must be positive")
+        if self.ca_bundle is not None and not self.ca_bundle.is_file():
+            raise ConfigError(f"ca_bundle {self.ca_bundle}: no such file")
+
+    @property
+    def bucket_path(self) -> str:
+        return f"{self.bucket}/{self.prefix}".rstrip("/")
+
+    @classmethod
+    def from_options(cls, bucket_path: str, mountpoint: Path | None,
+                     values: dict[str, str]) -> MountConfig:
+        """Build from ``name → raw string`` (already split from ``-o`` or long options)."""
+        bucket, _, prefix = bucket_path.strip("/").partition("/")
+        kw: dict[str, Any] = {}
+        for name, raw in values.items():
+            opt = OPTIONS_BY_NAME.get(name)
+            if opt is None:
+                raise ConfigError(f"unknown option {name!r}")
+            try:
+                kw[name] = opt.parse(raw)
+            except ConfigError as e:
+                raise ConfigError(f"option {name}: {e}") from None
+        return cls(bucket=bucket, prefix=prefix, mountpoint=mountpoint, **kw)
+
+
+def split_o_options(items: Iterable[str]) -> dict[str, str]:
+    """``["a=b,c", "d=e"]`` → ``{"a": "b", "c": "", "d": "e"}``; generic mount options dropped.
+
+    ``ro`` maps to ``read_only``; ``x-systemd.*`` and ``x-*`` options are for other tools.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            name = name.strip().replace("-", "_") if not name.startswith("x-") else name
+            if name == "ro":
+                out["read_only"] = "true"
+                continue
+            if name in GENERIC_MOUNT_OPTIONS or name.startswith("x-") or name == "comment":
+                continue
+            if name not in OPTIONS_BY_NAME:
+                raise ConfigError(f"unknown mount option {name!r}")
+            out[name] = value if eq else ("true" if OPTIONS_BY_NAME[name].flag else "")
+    return out
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(MountConfig) if f.name in OPTIONS_BY_NAME]

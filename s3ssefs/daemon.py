@@ -1,0 +1,362 @@
+"""The mount's lifecycle: checks before mounting, the trio main loop, signals, the control
+socket, sd_notify, and a clean unmount that flushes first.
+
+Everything that can make a mount useless is checked *before* the kernel sees it (key file,
+bucket, credentials, endpoint, SSE-C blocked on the bucket), so a bad mount fails with one
+line and a non-zero exit instead of a mount point that answers EIO.  SIGTERM, SIGINT and
+``s3ssefs umount`` all flush every dirty file and then unmount; if some file cannot be
+uploaded, ``umount`` reports it and the mount stays so nothing is lost.
+
+A running mount registers itself in the runtime directory (``/run/s3ssefs`` for root) with
+its PID and a unix socket that answers ``stats`` and ``umount``; the socket is mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from s3ssefs.cache import BlockCache
+from s3ssefs.config import MountConfig
+from s3ssefs.crypto import LocalCipher
+from s3ssefs.errors import FsError, MountError
+from s3ssefs.files import BlockSource, Ctx
+from s3ssefs.fs import Filesystem
+from s3ssefs.keyring import KeyRing
+from s3ssefs.keys import KeyFile, KeyFileError
+from s3ssefs.logsetup import register_secret
+from s3ssefs.stats import Stats
+from s3ssefs.store import ObjectStore
+
+log = logging.getLogger(__name__)
+PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """No core dumps (they would hold keys and plaintext), no ptrace by other users."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/s3ssefs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "s3ssefs" if xdg else Path(f"/tmp/s3ssefs-{os.getuid()}")
+
+
+def mount_id(mountpoint: Path) -> str:
+    """Stable id of a mount point; never called on a path we are serving (it stats it)."""
+    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+
+
+def registry_path(mountpoint: Path) -> Path:
+    return runtime_dir() / f"{mount_id(mountpoint)}.json"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("CACHE_DIRECTORY")  # systemd's CacheDirectory=
+    if env:
+        return Path(env.split(":")[0])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "s3ssefs"
+
+
+def sd_notify(message: str) -> None:
+    """Send one sd_notify datagram (READY=1, STOPPING=1, STATUS=…) if systemd asked for it."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", message.split("=")[0], e)
+
+
+def load_keys(cfg: MountConfig) -> KeyFile | None:
+    if cfg.sse != "c":
+        return None
+    assert cfg.keyfile is not None
+    try:
+        kf = KeyFile.load(cfg.keyfile)
+    except KeyFileError as e:
+        raise MountError(str(e)) from None
+    for k in kf.keys.values():
+        register_secret(k.raw)
+    return kf
+
+
+async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
+    """Fail with one clear line when the bucket cannot be used."""
+    try:
+        await store.check_bucket()
+    except FsError as e:
+        where = cfg.endpoint or "AWS S3"
+        if e.errno == errno.ENOENT:
+            raise MountError(f"bucket {cfg.bucket!r} does not exist at {where}") from None
+        if e.errno == errno.EACCES:
+            raise MountError(f"access to bucket {cfg.bucket!r} refused at {where}: check the "
+                             "credentials (profile, credentials_file, AWS_* variables)") from None
+        raise MountError(f"cannot reach {where}: {e}") from None
+    enc = await store.bucket_encryption()
+    if enc:
+        for rule in enc.get("Rules", []):
+            blocked = rule.get("BlockedEncryptionTypes", {}).get("EncryptionType", [])
+            if "SSE-C" in blocked and cfg.sse == "c":
+                raise MountError(
+                    f"bucket {cfg.bucket!r} blocks SSE-C (BlockedEncryptionTypes); allow it "
+                    "with put-bucket-encryption (remove SSE-C from BlockedEncryptionTypes) "
+                    "or mount with sse=s3 / sse=kms:KEYID")
+            default = rule.get("ApplyServerSideEncryptionByDefault", {})
+            if default:
+                log.info("bucket default encryption: %s", default.get("SSEAlgorithm"))
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.discard("default_permissions")
+    opts |= {f"fsname=s3ssefs:{cfg.bucket_path}", "subtype=s3ssefs", "default_permissions"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.read_only:
+        opts.add("ro")
+    return opts
+
+
+class Mount:
+    """One running mount: the objects, the FUSE session, the control socket."""
+
+    def __init__(self, cfg: MountConfig, keyfile: KeyFile | None) -> None:
+        assert cfg.mountpoint is not None
+        self.cfg = cfg
+        self.mountpoint = cfg.mountpoint.resolve()
+        self.id = mount_id(self.mountpoint)  # before mounting: a stat of our own mount deadlocks
+        self.stats = Stats()
+        self.store = ObjectStore(cfg, self.stats)
+        base = (cfg.cache_dir or default_cache_dir()).expanduser()
+        self.state_dir = base / self.id
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        spill_dir = self.state_dir / "spill"
+        spill_dir.mkdir(exist_ok=True, mode=0o700)
+        for old in spill_dir.glob("spill-*"):  # unreadable: their key died with the old mount
+            old.unlink(missing_ok=True)
+        self.cipher = LocalCipher()
+        self.cache = BlockCache(self.state_dir / "blocks", cfg.cache_size, self.cipher)
+        self.keyring = KeyRing(keyfile, self.store, self.state_dir)
+        source = BlockSource(self.store, self.cache, cfg.block_size, self.stats)
+        self.ctx = Ctx(store=self.store, source=source, cipher=self.cipher, spill_dir=spill_dir,
+                       block_size=cfg.block_size, part_size=cfg.part_size,
+                       multipart_threshold=cfg.multipart_threshold, s3key=str,
+                       write_key=lambda: None, metadata=lambda n: {}, stats=self.stats)
+        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx)
+        self.failed: list[str] = []
+        self._stopping = False
+
+    async def _stop(self) -> list[str]:
+        """Flush everything; unmount only if nothing is left behind."""
+        failed = await self.fs.flush_all()
+        if failed:
+            log.error("could not upload %d file(s), mount kept: %s", len(failed),
+                      ", ".join(failed))
+            return failed
+        if not self._stopping:
+            self._stopping = True
+            sd_notify("STOPPING=1")
+            pyfuse3.terminate()
+        return []
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    self.keyring.save()
+                    continue
+                log.info("signal %s: flushing and unmounting", signal.Signals(sig).name)
+                self.failed = await self._stop()
+                if self.failed and sig == signal.SIGINT:
+                    continue
+
+    async def _control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        sock_path = runtime_dir() / f"{self.id}.sock"
+        sock_path.unlink(missing_ok=True)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(sock_path))
+        finally:
+            os.umask(old)
+        sock.listen(4)
+        listener = trio.SocketListener(sock)
+        task_status.started(sock_path)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            async with stream:
+                cmd = (await stream.receive_some(1024)).decode().strip()
+                reply: dict[str, Any]
+                if cmd == "stats":
+                    reply = self.stats.snapshot()
+                    reply["cache_bytes"] = self.cache.bytes_used
+                elif cmd == "umount":
+                    reply = {"failed": await self._stop()}
+                else:
+                    reply = {"error": f"unknown command {cmd!r}"}
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+        await trio.serve_listeners(handle, [listener])
+
+    async def run(self, ready_fd: int | None) -> int:
+        await preflight(self.store, self.cfg)
+        pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
+        registry = runtime_dir() / f"{self.id}.json"
+        try:
+            async with trio.open_nursery() as n:
+                self.ctx.nursery = n
+                self.ctx.source.nursery = n
+                sock_path = await n.start(self._control)
+                registry.write_text(json.dumps({
+                    "pid": os.getpid(), "mountpoint": str(self.mountpoint),
+                    "socket": str(sock_path), "bucket": self.cfg.bucket_path}))
+                n.start_soon(self._signals)
+                n.start_soon(self.fs.retry_loop)
+                n.start_soon(self._announce, ready_fd)
+                await pyfuse3.main()
+                # unmounted (by us, or by fusermount -u): upload what is left
+                with trio.CancelScope(shield=True):
+                    self.failed = await self.fs.flush_all()
+                n.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            registry.unlink(missing_ok=True)
+            (runtime_dir() / f"{self.id}.sock").unlink(missing_ok=True)
+            self.keyring.save()
+            self.cache.close()
+        if self.failed:
+            log.error("unmounted with %d file(s) not uploaded: %s", len(self.failed),
+                      ", ".join(self.failed))
+            return 1
+        return 0
+
+    async def _announce(self, ready_fd: int | None) -> None:
+        """Tell the parent / systemd the mount is up once it answers a stat."""
+        await trio.to_thread.run_sync(os.stat, str(self.mountpoint))
+        log.info("mounted s3://%s on %s", self.cfg.bucket_path, self.mountpoint)
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"OK\n")
+                os.close(ready_fd)
+        sd_notify("READY=1")
+
+
+def clear_stale_mount(mountpoint: Path) -> None:
+    """A dead daemon leaves 'Transport endpoint is not connected': unmount it lazily."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            log.info("clearing stale mount on %s", mountpoint)
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                           capture_output=True)
+
+
+def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount and serve until unmounted. Returns the exit status."""
+    assert cfg.mountpoint is not None
+    harden_process()
+
+    def fail(msg: str) -> int:
+        log.error("%s", msg)
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"ERR {msg}\n".encode())
+        return 1
+
+    try:
+        keyfile = load_keys(cfg)
+        clear_stale_mount(cfg.mountpoint)
+        if not cfg.mountpoint.is_dir():
+            raise MountError(f"mount point {cfg.mountpoint} is not a directory")
+        runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        mount = Mount(cfg, keyfile)
+        return trio.run(mount.run, ready_fd)
+    except MountError as e:
+        return fail(str(e))
+    except RuntimeError as e:  # pyfuse3.init: mount refused by the kernel
+        return fail(f"cannot mount on {cfg.mountpoint}: {e}")
+
+
+def control(mountpoint: Path, command: str, timeout: float = 3600.0) -> dict[str, Any]:
+    """Send one command to a running mount's control socket."""
+    reg = registry_path(mountpoint)
+    if not reg.exists():
+        raise MountError(f"no s3ssefs mount is registered on {mountpoint}")
+    info = json.loads(reg.read_text())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(info["socket"])
+            s.sendall(command.encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except OSError as e:
+            raise MountError(f"the mount on {mountpoint} does not answer: {e}") from None
+    reply: dict[str, Any] = json.loads(buf)
+    reply["pid"] = info["pid"]
+    return reply
+
+
+def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
+    """Flush then unmount; handles a dead daemon's stale mount too."""
+    mountpoint = Path(os.path.realpath(mountpoint))
+    try:
+        reply = control(mountpoint, "umount", timeout)
+    except MountError as e:
+        # no live daemon: maybe a stale mount left by a killed one
+        r = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
+                           text=True)
+        if r.returncode == 0:
+            registry_path(mountpoint).unlink(missing_ok=True)
+            print(f"s3ssefs: {mountpoint}: no running daemon; stale mount removed")
+            return 0
+        raise MountError(str(e)) from None
+    if reply.get("failed"):
+        raise MountError(f"could not upload {len(reply['failed'])} file(s), still mounted: "
+                         + ", ".join(reply["failed"]))
+    # the daemon unmounts and exits once flushed: wait for its exit, not a guess
+    try:
+        pidfd = os.pidfd_open(int(reply["pid"]))
+    except ProcessLookupError:
+        return 0
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        raise MountError(f"the daemon of {mountpoint} did not exit within {timeout:.0f}s")
+    return 0

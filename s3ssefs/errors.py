@@ -1,0 +1,33 @@
+"""One error type that carries its errno, so every failure maps to exactly one errno here.
+
+The store raises :class:`FsError` for every S3 failure after its retries; the filesystem layer
+turns it into ``pyfuse3.FUSEError(err.errno)`` and nothing else. Messages name objects, never
+keys.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class FsError(Exception):
+    """A failure with the errno the user should see and a one-line reason for the log."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} [{_errno.errorcode.get(self.errno, self.errno)}]"
+
+
+class MountError(Exception):
+    """The mount (or another command) cannot start; the message is one line for the user."""
+
+
+def enoent(message: str) -> FsError:
+    return FsError(_errno.ENOENT, message)
+
+
+def eio(message: str) -> FsError:
+    return FsError(_errno.EIO, message)

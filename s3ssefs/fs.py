@@ -1,0 +1,863 @@
+"""The FUSE operations: a thin mapping of kernel requests onto the inode table
+(:mod:`s3ssefs.inodes`), open files (:mod:`s3ssefs.files`), keys (:mod:`s3ssefs.keyring`) and
+the object store (:mod:`s3ssefs.store`).
+
+Every handler runs on the one trio thread; anything that blocks goes through the store's
+worker threads.  Every failure is an :class:`~s3ssefs.errors.FsError` carrying its errno,
+turned into ``FUSEError`` in one place (:func:`_fuse_errors`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from s3ssefs.aio import gather
+from s3ssefs.config import MountConfig
+from s3ssefs.errors import FsError
+from s3ssefs.files import Ctx, FileData, ObjectRef
+from s3ssefs.inodes import ROOT, InodeTable, Node, check_name, join
+from s3ssefs.keyring import KeyRing
+from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for
+from s3ssefs.store import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+XATTRS = (b"user.s3ssefs.key", b"user.s3ssefs.version", b"user.s3ssefs.etag")
+SMALL_REWRITE = 1 << 20  # metadata changes of files up to this size re-PUT the bytes
+
+
+def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """The one place an FsError becomes the errno the kernel sees."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in %s [EIO]", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    pos: int = 0  # index of the next entry the stream yields
+    stream: AsyncIterator[tuple[str, Node]] | None = None
+    pending: list[tuple[int, str, Node]] = field(default_factory=list)
+
+
+class Filesystem(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, cfg: MountConfig, store: ObjectStore, keyring: KeyRing, ctx: Ctx) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.store = store
+        self.keyring = keyring
+        self.ctx = ctx
+        self.ttl = cfg.attr_ttl
+        now = _now_ns()
+        root = Attrs(mode=stat.S_IFDIR | (0o777 & ~cfg.umask), uid=cfg.uid, gid=cfg.gid,
+                     size=0, mtime_ns=now, ctime_ns=now)
+        self.inodes = InodeTable(root)
+        self.handles: dict[int, Node] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        ctx.s3key = self.s3key
+        ctx.write_key = lambda: keyring.current
+        ctx.metadata = self.metadata
+
+    # ------------------------------------------------------------------ names
+    def s3key(self, path: str) -> str:
+        return self.cfg.prefix + path
+
+    def dirkey(self, path: str) -> str:
+        return self.cfg.prefix + path + "/" if path else self.cfg.prefix
+
+    def metadata(self, node: Node) -> dict[str, str]:
+        return merge_foreign(node.metadata, metadata_for(node.attrs))
+
+    def _attrs(self, info: ObjectInfo, is_dir: bool) -> Attrs:
+        return attrs_from_object(info.metadata, 0 if is_dir else info.size, info.mtime,
+                                 is_dir=is_dir, default_uid=self.cfg.uid,
+                                 default_gid=self.cfg.gid, umask=self.cfg.umask)
+
+    def _check_writable(self) -> None:
+        if self.cfg.read_only:
+            raise FsError(errno.EROFS, "read-only mount")
+
+    def _fh(self, node: Node) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = node
+        return fh
+
+    # ------------------------------------------------------------------ probing S3
+    async def _probe(self, path: str, hint: tuple[bool, int, str, float] | None = None,
+                     ) -> Node:
+        """Find what ``path`` is in S3 (file, symlink, directory) and make/refresh its node."""
+        if hint is None or not hint[0]:
+            try:
+                info, key = await self.keyring.head(path, self.s3key(path))
+            except FsError as e:
+                if e.errno == errno.EACCES and hint is not None:
+                    return self._locked_node(path, hint)
+                if e.errno == errno.EACCES:
+                    return self._locked_node(path, await self._list_hint(path))
+                if e.errno != errno.ENOENT:
+                    raise
+            else:
+                if hint is None or not hint[0]:
+                    return self._file_node(path, info, key)
+        return await self._probe_dir(path)
+
+    async def _list_hint(self, path: str) -> tuple[bool, int, str, float]:
+        async for page in self.store.list_pages(self.s3key(path), delimiter="/", page_size=2):
+            for o in page.objects:
+                if o.key == self.s3key(path):
+                    return (False, o.size, o.etag, o.mtime)
+        return (False, 0, "", 0.0)
+
+    async def _probe_dir(self, path: str) -> Node:
+        prefix = self.dirkey(path)
+        has_marker = False
+        exists = False
+        async for page in self.store.list_pages(prefix, delimiter=None, page_size=2):
+            exists = bool(page.objects)
+            has_marker = any(o.key == prefix for o in page.objects)
+            break
+        if not exists:
+            raise FsError(errno.ENOENT, f"no such file: {path}")
+        info = ObjectInfo(key=prefix, size=0, etag="", mtime=time.time())
+        key = None
+        if has_marker:
+            try:
+                info, key = await self.keyring.head(path + "/", prefix)
+            except FsError as e:
+                if e.errno not in (errno.EACCES, errno.ENOENT):
+                    raise
+        node = self.inodes.find(path)
+        attrs = self._attrs(info, is_dir=True)
+        if node is None or not node.is_dir:
+            node = self.inodes.create(path, attrs)
+        else:
+            node.attrs = attrs
+        node.has_marker = has_marker
+        node.sse_key = key
+        node.metadata = info.metadata
+        node.fetched = time.monotonic()
+        return node
+
+    def _file_node(self, path: str, info: ObjectInfo, key: Any) -> Node:
+        attrs = self._attrs(info, is_dir=False)
+        node = self.inodes.find(path)
+        if node is None or node.is_dir != stat.S_ISDIR(attrs.mode):
+            node = self.inodes.create(path, attrs)
+        elif node.data is None or not node.data.dirty:
+            if node.etag != info.etag:
+                node.link_target = None
+            node.attrs = attrs
+        node.etag = info.etag
+        node.version_id = info.version_id
+        node.sse_key = key
+        node.metadata = info.metadata
+        node.locked = False
+        node.remote = True
+        node.fetched = time.monotonic()
+        return node
+
+    def _locked_node(self, path: str, hint: tuple[bool, int, str, float]) -> Node:
+        attrs = attrs_from_object({}, hint[1], hint[3], is_dir=False, default_uid=self.cfg.uid,
+                                  default_gid=self.cfg.gid, umask=self.cfg.umask)
+        node = self.inodes.find(path)
+        if node is None:
+            node = self.inodes.create(path, attrs)
+        node.attrs = attrs
+        node.etag = hint[2]
+        node.locked = True
+        node.fetched = time.monotonic()
+        return node
+
+    def _fresh(self, node: Node) -> bool:
+        if node.ino == ROOT or node.data is not None or not node.remote:
+            return True
+        return time.monotonic() - node.fetched < self.ttl
+
+    async def _lookup(self, parent: Node, name: str) -> Node:
+        if name == ".":
+            return parent
+        if name == "..":
+            return self.inodes.find(parent.path.rpartition("/")[0]) or self.inodes.get(ROOT)
+        path = join(parent.path, name)
+        node = self.inodes.find(path)
+        if node is not None and self._fresh(node):
+            return node
+        lst = self.inodes.listing(parent.path, self.cfg.dir_ttl)
+        hint = None
+        if lst is not None:
+            hint = lst.entries.get(name)
+            if hint is None:
+                raise FsError(errno.ENOENT, f"no such file: {path}")
+        return await self._probe(path, hint)
+
+    async def _refresh(self, node: Node) -> None:
+        if self._fresh(node):
+            return
+        if node.is_dir:
+            await self._probe_dir(node.path)
+        else:
+            fresh = await self._probe(node.path)
+            if fresh is not node:
+                raise FsError(errno.ESTALE, f"{node.path} was replaced")
+
+    # ------------------------------------------------------------------ lookups & attributes
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None,
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.get(parent_inode)
+        node = await self._lookup(parent, check_name(name))
+        node.lookups += 1
+        return node.entry(self.ttl)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:  # type: ignore[override]
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self.inodes.get(inode)
+        try:
+            await self._refresh(node)
+        except FsError as e:
+            if e.errno != errno.ENOENT or node.open_count == 0:
+                raise
+        return node.entry(self.ttl)
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any,
+                      ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        node = self.inodes.get(inode)
+        if node.locked:
+            raise FsError(errno.EACCES, f"no key opens {node.path}")
+        a = replace(node.attrs)
+        changed = False
+        if fields.update_mode:
+            a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
+            changed = True
+        if fields.update_uid:
+            a.uid = attr.st_uid
+            changed = True
+        if fields.update_gid:
+            a.gid = attr.st_gid
+            changed = True
+        if fields.update_mtime:
+            a.mtime_ns = attr.st_mtime_ns
+            changed = True
+        if changed or fields.update_size:
+            a.ctime_ns = _now_ns()
+        if fields.update_size:
+            if node.is_dir:
+                raise FsError(errno.EISDIR, "truncate of a directory")
+            if not fields.update_mtime:
+                a.mtime_ns = _now_ns()
+            data, temporary = await self._data_for(node)
+            try:
+                await data.truncate(attr.st_size)
+                node.attrs = a
+                if temporary:
+                    await data.flush()
+            finally:
+                if temporary:
+                    await self._drop_data(node)
+            return node.entry(self.ttl)
+        if not changed:
+            return node.entry(self.ttl)
+        old = node.attrs
+        node.attrs = a
+        try:
+            await self._persist_attrs(node)
+        except BaseException:
+            node.attrs = old
+            raise
+        return node.entry(self.ttl)
+
+    async def _persist_attrs(self, node: Node) -> None:
+        """Write changed attributes: with the data if it is dirty, else rewrite the metadata
+        server-side (or re-PUT a small object)."""
+        if node.data is not None and node.data.dirty:
+            node.data.meta_changed = True
+            return
+        if not node.remote:
+            return
+        meta = self.metadata(node)
+        if node.is_dir:
+            info = await self.store.put(self.dirkey(node.path), b"", self.keyring.current, meta)
+            node.has_marker = True
+            node.sse_key = self.keyring.current
+            return
+        key = node.sse_key
+        s3key = self.s3key(node.path)
+        if node.attrs.size <= SMALL_REWRITE:
+            ref = ObjectRef(s3key, node.etag, node.attrs.size, key, node.version_id)
+            body = b"".join(await self.ctx.source.blocks(ref, 0, 0)) if ref.size else b""
+            info = await self.store.put(s3key, body, key, meta)
+        else:
+            info = await self.store.copy(s3key, s3key, key, key, meta, node.attrs.size)
+        if not info.etag:
+            info = await self.store.head(s3key, key)
+        self.keyring.learn(s3key, key, info.etag)
+        if node.data is not None and node.data.base is not None:
+            node.data.base = replace(node.data.base, etag=info.etag,
+                                     version_id=info.version_id)
+        node.etag = info.etag
+        node.version_id = info.version_id
+        node.fetched = time.monotonic()
+
+    async def _data_for(self, node: Node) -> tuple[FileData, bool]:
+        """The node's open-file state, or a temporary one (truncate of a closed file)."""
+        if node.data is not None:
+            return node.data, False
+        node.data = FileData(self.ctx, node, self._base_ref(node))
+        return node.data, True
+
+    def _base_ref(self, node: Node) -> ObjectRef | None:
+        if not node.remote:
+            return None
+        return ObjectRef(self.s3key(node.path), node.etag, node.attrs.size, node.sse_key,
+                         node.version_id)
+
+    async def _drop_data(self, node: Node) -> None:
+        data = node.data
+        if data is None or node.open_count > 0:
+            return
+        if data.dirty and not data.unlinked:
+            return  # kept for retry; flush_all tries again
+        node.data = None
+        await data.close()
+
+    # ------------------------------------------------------------------ directories
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self.inodes.get(inode)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR, node.path)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dirs[fh] = DirHandle(node)
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.dirs[fh]
+        if start_id == 0 or start_id < h.pos - len(h.pending):
+            h.stream = self._entries(h.node)
+            h.pos = 0
+            h.pending = []
+        h.pending = [p for p in h.pending if p[0] >= start_id]
+        while True:
+            while h.pending:
+                idx, name, node = h.pending[0]
+                if not pyfuse3.readdir_reply(token, name.encode(), node.entry(self.ttl), idx + 1):
+                    return
+                node.lookups += 1
+                h.pending.pop(0)
+            assert h.stream is not None
+            try:
+                name, node = await h.stream.__anext__()
+            except StopAsyncIteration:
+                return
+            h.pending.append((h.pos, name, node))
+            h.pos += 1
+
+    async def _entries(self, dnode: Node) -> AsyncIterator[tuple[str, Node]]:
+        """A directory's entries, page by page: S3's, plus files created here not yet
+        uploaded. Objects get a HEAD (in parallel) for mode/uid/mtime unless fresh."""
+        dpath = dnode.path
+        prefix = self.dirkey(dpath)
+        seen: set[str] = set()
+        remembered: dict[str, tuple[bool, int, str, float]] = {}
+        complete = True
+        async for page in self.store.list_pages(prefix, delimiter="/"):
+            dirs = {}
+            for p in page.prefixes:
+                name = p[len(prefix):-1]
+                if self._valid_name(name, p):
+                    dirs[name] = p
+            files = {}
+            for o in page.objects:
+                name = o.key[len(prefix):]
+                if o.key == prefix or not self._valid_name(name, o.key):
+                    continue
+                if name in dirs or (self.inodes.find(join(dpath, name)) is not None and \
+                        self.inodes.find(join(dpath, name)).is_dir):  # type: ignore[union-attr]
+                    log.info("s3://%s/%s: a file and a directory share this name; "
+                             "showing the directory", self.store.bucket, o.key)
+                    continue
+                files[name] = o
+            heads = []
+            for name, o in files.items():
+                path = join(dpath, name)
+                node = self.inodes.find(path)
+                if node is None or not self._fresh(node) or (node.etag != o.etag and \
+                        (node.data is None or not node.data.dirty)):
+                    heads.append((path, (False, o.size, o.etag, o.mtime)))
+            results: dict[str, Node] = {}
+
+            async def head(path: str, hint: tuple[bool, int, str, float],
+                           results: dict[str, Node] = results) -> None:
+                try:
+                    results[path] = await self._probe(path, hint)
+                except FsError as e:
+                    if e.errno != errno.ENOENT:  # gone since the listing: skip it
+                        raise
+
+            await gather((functools.partial(head, p, h) for p, h in heads),
+                         limit=self.cfg.max_requests)
+            for name in sorted(list(dirs) + list(files)):
+                path = join(dpath, name)
+                if name in dirs:
+                    node = self.inodes.find(path)
+                    if node is None or not node.is_dir:
+                        now = time.time()
+                        node = self.inodes.create(path, self._attrs(
+                            ObjectInfo(key=dirs[name], size=0, etag="", mtime=now), True))
+                        node.fetched = time.monotonic()
+                    remembered[name] = (True, 0, "", 0.0)
+                else:
+                    node = results.get(path) or self.inodes.find(path)
+                    if node is None:
+                        continue
+                    o = files[name]
+                    remembered[name] = (False, o.size, o.etag, o.mtime)
+                seen.add(name)
+                yield name, node
+            if len(remembered) > 20_000:
+                complete = False
+                remembered.clear()
+        # files created (or renamed) here that S3 does not have yet
+        pre = dpath + "/" if dpath else ""
+        for path, node in list(self.inodes.by_path.items()):
+            if path.startswith(pre) and "/" not in path[len(pre):] and path != dpath:
+                name = path[len(pre):]
+                if name not in seen and not node.remote:
+                    remembered[name] = (node.is_dir, node.attrs.size, "", 0.0)
+                    yield name, node
+        if complete:
+            self.inodes.remember_listing(dpath, remembered)
+
+    def _valid_name(self, name: str, key: str) -> bool:
+        if not name or name in (".", "..") or "/" in name or \
+                len(name.encode("utf-8", "surrogateescape")) > 255:
+            log.info("s3://%s/%s: name cannot be shown in a directory; skipped",
+                     self.store.bucket, key)
+            return False
+        return True
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any,
+                    ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        parent = self.inodes.get(parent_inode)
+        path = join(parent.path, check_name(name))
+        now = _now_ns()
+        attrs = Attrs(mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=ctx.uid,
+                      gid=self._new_gid(parent, ctx), size=0, mtime_ns=now, ctime_ns=now)
+        if parent.attrs.mode & stat.S_ISGID:
+            attrs.mode |= stat.S_ISGID
+        await self.store.put(self.dirkey(path), b"", self.keyring.current,
+                             metadata_for(attrs))
+        node = self.inodes.create(path, attrs, has_marker=True, sse_key=self.keyring.current)
+        node.fetched = time.monotonic()
+        node.lookups += 1
+        self.inodes.listing_add(path, True)
+        return node.entry(self.ttl)
+
+    def _new_gid(self, parent: Node, ctx: Any) -> int:
+        return parent.attrs.gid if parent.attrs.mode & stat.S_ISGID else ctx.gid
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        parent = self.inodes.get(parent_inode)
+        node = await self._lookup(parent, check_name(name))
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR, node.path)
+        await self._check_empty(node)
+        prefix = self.dirkey(node.path)
+        try:
+            await self.store.delete(prefix)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        self.inodes.detach(node)
+        self.inodes.listing_remove(node.path)
+        self.inodes.invalidate_listing(node.path)
+
+    async def _check_empty(self, node: Node) -> None:
+        prefix = self.dirkey(node.path)
+        async for page in self.store.list_pages(prefix, delimiter=None, page_size=2):
+            if any(o.key != prefix for o in page.objects):
+                raise FsError(errno.ENOTEMPTY, node.path)
+            break
+        pre = node.path + "/"
+        if any(p.startswith(pre) and not n.remote for p, n in self.inodes.by_path.items()):
+            raise FsError(errno.ENOTEMPTY, node.path)
+
+    # ------------------------------------------------------------------ files
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any,
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_writable()
+        parent = self.inodes.get(parent_inode)
+        path = join(parent.path, check_name(name))
+        now = _now_ns()
+        attrs = Attrs(mode=stat.S_IFREG | stat.S_IMODE(mode), uid=ctx.uid,
+                      gid=self._new_gid(parent, ctx), size=0, mtime_ns=now, ctime_ns=now)
+        node = self.inodes.create(path, attrs, remote=False)
+        node.fetched = time.monotonic()
+        node.data = FileData(self.ctx, node, None)
+        node.open_count += 1
+        node.lookups += 1
+        self.inodes.listing_add(path, False)
+        return pyfuse3.FileInfo(fh=self._fh(node)), node.entry(self.ttl)
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self.inodes.get(inode)
+        if node.is_dir:
+            raise FsError(errno.EISDIR, node.path)
+        writing = flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC
+        if writing:
+            self._check_writable()
+        if node.data is None and node.remote and time.monotonic() - node.fetched > 1.0:
+            await self._refresh(node)  # close-to-open: see what others closed
+        if node.locked:
+            log.warning("no key opens s3://%s/%s [EACCES]", self.store.bucket,
+                        self.s3key(node.path))
+            raise FsError(errno.EACCES, f"no key opens {node.path}")
+        if node.data is None:
+            node.data = FileData(self.ctx, node, self._base_ref(node))
+        node.open_count += 1
+        try:
+            if flags & os.O_TRUNC and node.data.size:
+                await node.data.truncate(0)
+                node.attrs.mtime_ns = node.attrs.ctime_ns = _now_ns()
+        except BaseException:
+            node.open_count -= 1
+            raise
+        return pyfuse3.FileInfo(fh=self._fh(node), keep_cache=False)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self.handles[fh]
+        assert node.data is not None
+        return await node.data.read(off, size)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self.handles[fh]
+        assert node.data is not None
+        n = await node.data.write(off, buf)
+        node.attrs.mtime_ns = node.attrs.ctime_ns = _now_ns()
+        return n
+
+    @_fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self._flush_node(self.handles[fh])
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._flush_node(self.handles[fh])
+
+    async def _flush_node(self, node: Node) -> None:
+        data = node.data
+        if data is None:
+            return
+        meta_changed = getattr(data, "meta_changed", False)
+        try:
+            await data.flush()
+        except FsError as e:
+            log.error("upload of s3://%s/%s failed, data kept locally for retry: %s",
+                      self.store.bucket, self.s3key(node.path), e)
+            raise FsError(errno.EIO, str(e)) from None
+        if meta_changed:
+            data.meta_changed = False
+        self.keyring.learn(self.s3key(node.path), node.sse_key, node.etag)
+        self.inodes.listing_add(node.path, False, data.size)
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        node = self.handles.pop(fh)
+        node.open_count -= 1
+        if node.open_count == 0:
+            await self._drop_data(node)
+            self.inodes.forget(node.ino, 0)
+
+    # ------------------------------------------------------------------ names
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        parent = self.inodes.get(parent_inode)
+        node = await self._lookup(parent, check_name(name))
+        if node.is_dir:
+            raise FsError(errno.EISDIR, node.path)
+        await self._remove_file(node)
+
+    async def _remove_file(self, node: Node) -> None:
+        if node.data is not None:
+            await node.data.detach_from_object()
+        if node.remote:
+            try:
+                await self.store.delete(self.s3key(node.path))
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+        node.remote = False
+        self.keyring.forget(self.s3key(node.path))
+        self.inodes.listing_remove(node.path)
+        self.inodes.detach(node)
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self._check_writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        old_parent = self.inodes.get(parent_inode_old)
+        new_parent = self.inodes.get(parent_inode_new)
+        node = await self._lookup(old_parent, check_name(name_old))
+        new_path = join(new_parent.path, check_name(name_new))
+        if new_path == node.path:
+            return
+        if node.is_dir and (new_path + "/").startswith(node.path + "/"):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        try:
+            target: Node | None = await self._lookup(new_parent, check_name(name_new))
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            target = None
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST, new_path)
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR, new_path)
+            if not node.is_dir and target.is_dir:
+                raise FsError(errno.EISDIR, new_path)
+            if target.is_dir:
+                await self._check_empty(target)
+        if node.is_dir:
+            await self._rename_dir(node, new_path, target)
+        else:
+            await self._rename_file(node, new_path, target)
+
+    async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
+        old_path = node.path
+        old_key, new_key = self.s3key(old_path), self.s3key(new_path)
+        if target is not None and target.data is not None:
+            await target.data.detach_from_object()
+        data = node.data
+        if (data is not None and data.dirty) or not node.remote:
+            # not in S3 (or stale there): upload straight to the new name
+            was_remote = node.remote
+            self.inodes.move(node, new_path)
+            if data is not None:
+                await self._flush_node(node)
+            if was_remote:
+                await self.store.delete(old_key)
+        else:
+            info = await self.store.copy(old_key, new_key, node.sse_key, node.sse_key,
+                                         self.metadata(node), node.attrs.size,
+                                         node.version_id)
+            await self.store.delete(old_key)
+            self.inodes.move(node, new_path)
+            if not info.etag:
+                info = await self.store.head(new_key, node.sse_key)
+            node.etag = info.etag
+            node.version_id = info.version_id
+            if data is not None:
+                data.renamed(info)
+        self.keyring.rename(old_key, new_key)
+        self.keyring.learn(new_key, node.sse_key, node.etag)
+        if target is not None:
+            target.remote = False
+        self.inodes.listing_remove(old_path)
+        self.inodes.listing_add(new_path, False, node.attrs.size)
+
+    async def _rename_dir(self, node: Node, new_path: str, target: Node | None) -> None:
+        """Every object below the directory is copied then deleted, in parallel; not atomic."""
+        old_path = node.path
+        pre = old_path + "/"
+        for p, n in list(self.inodes.by_path.items()):
+            if p.startswith(pre) and n.data is not None and n.data.dirty:
+                await self._flush_node(n)
+        old_prefix, new_prefix = self.dirkey(old_path), self.dirkey(new_path)
+        if target is not None and target.has_marker:
+            await self.store.delete(new_prefix)
+
+        async def move_one(o: ObjectInfo) -> None:
+            rel = o.key[len(self.cfg.prefix):]
+            info, key = await self.keyring.head(rel, o.key)
+            dst = new_prefix + o.key[len(old_prefix):]
+            await self.store.copy(o.key, dst, key, key, info.metadata, o.size)
+            await self.store.delete(o.key)
+            self.keyring.rename(o.key, dst)
+
+        async for page in self.store.list_pages(old_prefix, delimiter=None):
+            await gather((functools.partial(move_one, o) for o in page.objects),
+                         limit=self.cfg.max_requests)
+        self.inodes.move(node, new_path)
+        for p, n in list(self.inodes.by_path.items()):
+            if p == new_path or p.startswith(new_path + "/"):
+                n.fetched = 0.0  # new ETags: look again
+                if n.data is not None and n.data.base is not None:
+                    n.data.base = replace(n.data.base, s3key=self.s3key(p))
+        node.fetched = time.monotonic()
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any,
+                      ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        parent = self.inodes.get(parent_inode)
+        path = join(parent.path, check_name(name))
+        now = _now_ns()
+        attrs = Attrs(mode=stat.S_IFLNK | 0o777, uid=ctx.uid, gid=self._new_gid(parent, ctx),
+                      size=len(target), mtime_ns=now, ctime_ns=now)
+        key = self.keyring.current
+        info = await self.store.put(self.s3key(path), target, key, metadata_for(attrs))
+        node = self.inodes.create(path, attrs, etag=info.etag, sse_key=key, link_target=target)
+        node.fetched = time.monotonic()
+        node.lookups += 1
+        self.keyring.learn(self.s3key(path), key, info.etag)
+        self.inodes.listing_add(path, False, len(target))
+        return node.entry(self.ttl)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self.inodes.get(inode)
+        if not node.is_link:
+            raise FsError(errno.EINVAL, node.path)
+        if node.link_target is None:
+            node.link_target = await self.store.get_range(
+                self.s3key(node.path), 0, max(node.attrs.size, 1) + 4096, node.sse_key,
+                node.version_id)
+        return node.link_target
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any,
+                    ) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        parent = self.inodes.get(parent_inode)
+        path = join(parent.path, check_name(name))
+        now = _now_ns()
+        attrs = Attrs(mode=mode, uid=ctx.uid, gid=self._new_gid(parent, ctx), size=0,
+                      mtime_ns=now, ctime_ns=now, rdev=rdev)
+        key = self.keyring.current
+        info = await self.store.put(self.s3key(path), b"", key, metadata_for(attrs))
+        node = self.inodes.create(path, attrs, etag=info.etag, sse_key=key)
+        node.fetched = time.monotonic()
+        node.lookups += 1
+        self.inodes.listing_add(path, False)
+        return node.entry(self.ttl)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any,
+                   ) -> pyfuse3.EntryAttributes:
+        raise FsError(errno.EPERM, "hard links are not supported")
+
+    @_fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 1 << 20
+        s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30
+        s.f_files = s.f_ffree = s.f_favail = 1 << 30
+        s.f_namemax = 255
+        return s
+
+    @_fuse_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ xattrs
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        node = self.inodes.get(inode)
+        if name == b"user.s3ssefs.key":
+            return (node.sse_key.id if node.sse_key else "none").encode()
+        if name == b"user.s3ssefs.version":
+            return (node.version_id or "null").encode()
+        if name == b"user.s3ssefs.etag":
+            return node.etag.encode()
+        raise FsError(pyfuse3.ENOATTR, "no such attribute")
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        node = self.inodes.get(inode)
+        return [] if node.is_dir else list(XATTRS)
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise FsError(errno.ENOTSUP, "extended attributes are not stored")
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise FsError(errno.ENOTSUP, "extended attributes are not stored")
+
+    # ------------------------------------------------------------------ shutdown
+    async def flush_all(self) -> list[str]:
+        """Upload every dirty file; the paths that could not be uploaded."""
+        failed = []
+        for node in list(self.inodes.by_ino.values()):
+            if node.data is not None and node.data.dirty and not node.data.unlinked:
+                try:
+                    await self._flush_node(node)
+                except FsError:
+                    failed.append(node.path)
+        self.keyring.save()
+        return failed
+
+    async def retry_loop(self, interval: float = 30.0) -> None:
+        """Retry uploads that failed at close, until they succeed or the mount ends."""
+        while True:
+            await trio.sleep(interval)
+            for node in list(self.inodes.by_ino.values()):
+                if node.data is not None and node.data.dirty and node.open_count == 0 \
+                        and not node.data.unlinked:
+                    try:
+                        await self._flush_node(node)
+                        await self._drop_data(node)
+                        self.inodes.forget(node.ino, 0)
+                    except FsError:
+                        pass
+            self.keyring.save()

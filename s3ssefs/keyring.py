@@ -1,0 +1,138 @@
+"""KeyRing: which key opens an object, found in the key file's order and remembered.
+
+The key file (:mod:`s3ssefs.keys`) says in which order to try keys for a path; this module does
+the trying.  A wrong guess costs one HEAD (never a GET of data): on RGW a HEAD with the wrong key
+is a bare 400, on AWS a 403, both EACCES from the store.  The key that worked is remembered per
+object by *id* — in memory, and in ``learned.json`` in the cache directory so a remount does not
+guess again — together with the object's ETag, so a changed object is tried afresh.
+
+Objects stored without SSE-C are opened with no key: ``None`` is always the last candidate,
+and an object whose HEAD echoes no customer-key MD5 is plain (RGW ignores a key sent for a
+plain object; AWS refuses it, which the trial order handles the same way).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from s3ssefs.errors import FsError
+from s3ssefs.keys import Key, KeyFile
+from s3ssefs.store import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+PLAIN = ""  # learned "key id" of an object stored without SSE-C
+
+
+class KeyRing:
+    def __init__(self, keyfile: KeyFile | None, store: ObjectStore,
+                 state_dir: Path | None = None) -> None:
+        self.keyfile = keyfile
+        self.store = store
+        self._path = state_dir / "learned.json" if state_dir else None
+        self._learned: dict[str, tuple[str, str]] = {}  # s3 key → (key id, etag)
+        self._lock = threading.Lock()
+        self._dirty = False
+        if self._path and self._path.exists():
+            try:
+                raw = json.loads(self._path.read_text())
+                self._learned = {k: (v[0], v[1]) for k, v in raw.items()}
+            except (OSError, ValueError, TypeError, IndexError):
+                log.info("ignoring unreadable %s", self._path)
+
+    @property
+    def current(self) -> Key | None:
+        """The key every new write uses (``None`` for sse=s3/kms mounts)."""
+        return self.keyfile.current_key if self.keyfile else None
+
+    def by_id(self, key_id: str | None) -> Key | None:
+        if not key_id or self.keyfile is None:
+            return None
+        return self.keyfile.by_id(key_id)
+
+    def learned_id(self, s3key: str) -> str | None:
+        with self._lock:
+            v = self._learned.get(s3key)
+        return v[0] if v else None
+
+    def learn(self, s3key: str, key: Key | None, etag: str) -> None:
+        kid = key.id if key else PLAIN
+        with self._lock:
+            if self._learned.get(s3key) != (kid, etag):
+                self._learned[s3key] = (kid, etag)
+                self._dirty = True
+
+    def forget(self, s3key: str) -> None:
+        with self._lock:
+            if self._learned.pop(s3key, None) is not None:
+                self._dirty = True
+
+    def rename(self, old: str, new: str) -> None:
+        with self._lock:
+            v = self._learned.pop(old, None)
+            if v is not None:
+                self._learned[new] = v
+                self._dirty = True
+
+    def save(self) -> None:
+        """Persist learned ids (ids and ETags only: never a key)."""
+        if not self._path:
+            return
+        with self._lock:
+            if not self._dirty:
+                return
+            data = json.dumps(self._learned)
+            self._dirty = False
+        tmp = self._path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            os.replace(tmp, self._path)
+        except OSError as e:
+            log.info("could not save learned keys: %s", e)
+
+    def candidates(self, rel_path: str, s3key: str, version: str | None) -> list[Key | None]:
+        learned = self.learned_id(s3key)
+        keys: list[Key | None] = []
+        if learned == PLAIN:
+            keys.append(None)
+        if self.keyfile is not None:
+            keys += self.keyfile.candidates(rel_path, version, learned or None)
+        if None not in keys:
+            keys.append(None)
+        return keys
+
+    async def head(self, rel_path: str, s3key: str, version: str | None = None,
+                   ) -> tuple[ObjectInfo, Key | None]:
+        """HEAD the object with each candidate key until one opens it.
+
+        Raises ENOENT when there is no such object, EACCES (with one log line naming the object
+        and the fingerprints tried) when no key opens it.
+        """
+        tried: list[str] = []
+        for key in self.candidates(rel_path, s3key, version):
+            try:
+                info = await self.store.head(s3key, key, version)
+            except FsError as e:
+                if e.errno == errno.EACCES:
+                    tried.append(key.fingerprint if key else "no key")
+                    continue
+                raise
+            if key is not None and info.sse_c_md5 is None:
+                # a plain object answered a keyed HEAD (RGW): it needs no key
+                key = None
+            elif key is None and info.sse_c_md5 is not None and self.keyfile:
+                key = self.keyfile.by_fingerprint(info.sse_c_md5)
+            self.learn(s3key, key, info.etag)
+            if len(tried) and key is not None:
+                self.store.stats.add("key_trials", len(tried))
+            return info, key
+        log.warning("no key opens s3://%s/%s (tried %s) [EACCES]", self.store.bucket, s3key,
+                    ", ".join(tried))
+        raise FsError(errno.EACCES, f"no key opens s3://{self.store.bucket}/{s3key}")

@@ -1,0 +1,108 @@
+"""Object headers ⇄ stat attributes, the way s3fs-fuse writes them.
+
+s3fs keeps POSIX attributes in user metadata: ``x-amz-meta-mode`` (decimal, with the file type
+bits), ``-uid``, ``-gid``, ``-mtime`` (decimal seconds; s3fs ≥ 1.88 may add ``.nanoseconds``),
+and ``-rdev`` for device nodes and FIFOs.  A symlink is an object whose body is the target and
+whose mode has ``S_IFLNK``; a directory marker is a zero-byte ``name/`` object.  Using the same
+spelling lets s3fs, rclone and the aws CLI share a bucket with s3ssefs.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# boto3's Metadata dict is keyed without the "x-amz-meta-" prefix
+MODE, UID, GID, MTIME, RDEV, ATIME, CTIME = "mode", "uid", "gid", "mtime", "rdev", "atime", "ctime"
+
+
+@dataclass
+class Attrs:
+    """What ``stat`` shows for one object; times in nanoseconds."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def _int(meta: dict[str, str], name: str) -> int | None:
+    v = meta.get(name)
+    if v is None:
+        return None
+    try:
+        return int(v.strip())
+    except ValueError:
+        log.debug("ignoring malformed x-amz-meta-%s", name)
+        return None
+
+
+def parse_time_ns(text: str | None) -> int | None:
+    """``"1700000000"`` or ``"1700000000.123456789"`` → ns since the epoch."""
+    if text is None:
+        return None
+    sec, _, frac = text.strip().partition(".")
+    try:
+        ns = int(sec) * 1_000_000_000
+        if frac:
+            ns += int((frac + "000000000")[:9])
+    except ValueError:
+        return None
+    return ns
+
+
+def format_time(ns: int) -> str:
+    """Seconds, with nanoseconds only when there are any (s3fs reads both)."""
+    sec, rem = divmod(ns, 1_000_000_000)
+    return str(sec) if rem == 0 else f"{sec}.{rem:09d}"
+
+
+def attrs_from_object(meta: dict[str, str], size: int, last_modified: float, *,
+                      is_dir: bool, default_uid: int, default_gid: int, umask: int) -> Attrs:
+    """Stat attributes of an object from its metadata, with mount defaults for what is missing."""
+    mode = _int(meta, MODE)
+    kind = stat.S_IFDIR if is_dir else stat.S_IFREG
+    if mode is None or mode <= 0:
+        mode = kind | ((0o777 if is_dir else 0o666) & ~umask)
+    elif stat.S_IFMT(mode) == 0:
+        mode |= kind  # some tools store only permission bits
+    elif is_dir and not stat.S_ISDIR(mode):
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+    uid = _int(meta, UID)
+    gid = _int(meta, GID)
+    lm_ns = int(last_modified * 1_000_000_000)
+    mtime = parse_time_ns(meta.get(MTIME)) or lm_ns
+    ctime = parse_time_ns(meta.get(CTIME)) or mtime
+    return Attrs(mode=mode, uid=default_uid if uid is None else uid,
+                 gid=default_gid if gid is None else gid, size=size, mtime_ns=mtime,
+                 ctime_ns=ctime, rdev=_int(meta, RDEV) or 0)
+
+
+def metadata_for(attrs: Attrs) -> dict[str, str]:
+    """The user metadata s3fs would write for these attributes."""
+    meta = {MODE: str(attrs.mode), UID: str(attrs.uid), GID: str(attrs.gid),
+            MTIME: format_time(attrs.mtime_ns), CTIME: format_time(attrs.ctime_ns)}
+    if attrs.rdev:
+        meta[RDEV] = str(attrs.rdev)
+    return meta
+
+
+def merge_foreign(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """New attribute metadata, keeping keys other tools wrote (``x-amz-meta-…`` we don't own)."""
+    out = {k: v for k, v in old.items() if k not in (MODE, UID, GID, MTIME, RDEV, ATIME, CTIME)}
+    out.update(new)
+    return out

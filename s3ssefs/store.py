@@ -1,0 +1,570 @@
+"""ObjectStore: every S3 call s3ssefs makes, async, with SSE-C, one retry policy, one errno map.
+
+boto3 is synchronous, so each call runs in a trio worker thread; one ``CapacityLimiter`` bounds
+the calls in flight, and botocore's connection pool is sized to match so no thread waits for a
+socket.  Retries are botocore's *standard* mode (throttling, 5xx and connection errors, with
+backoff); on top of that every call has an overall deadline (``request_timeout``) after which
+the caller gets EIO and the stuck thread is abandoned, so no FUSE request waits forever.
+
+SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone.  Servers differ and this
+module hides it:
+
+* a wrong or missing key is 403 on AWS but ``400 InvalidArgument`` on Ceph RGW, and a keyless
+  HEAD of an SSE-C object on RGW is a bare 400: all map to EACCES;
+* RGW (Ceph 16) answers CopyObject of an SSE-C source with ``501 NotImplemented`` but accepts
+  CreateMultipartUpload + UploadPartCopy under the same key, so :meth:`ObjectStore.copy` tries
+  CopyObject, then the multipart copy, then (for a change of key the server refuses) streams the
+  data through memory — never through local disk.  What worked is remembered per store.
+
+Every write checks that the server echoed the encryption it was asked for: a server that
+silently stores plaintext (s3fs 1.90 on Ceph 16 shows this happens) fails the write with EIO
+and the object is deleted or the upload aborted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import boto3
+import botocore.session
+import trio
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from s3ssefs.aio import gather
+from s3ssefs.config import MountConfig
+from s3ssefs.errors import FsError
+from s3ssefs.keys import Key, sse_c_params
+from s3ssefs.stats import Stats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIN_PART = 5 << 20
+MAX_SINGLE_COPY = 5 << 30
+
+
+@dataclass
+class ObjectInfo:
+    """What a HEAD (or a listing) tells about one object version."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    version_id: str | None = None
+    sse_c_md5: str | None = None  # fingerprint of the SSE-C key the server says it used
+    sse: str | None = None  # "AES256" / "aws:kms" for provider-managed encryption
+    is_latest: bool = True
+    delete_marker: bool = False
+
+
+@dataclass
+class ListPage:
+    prefixes: list[str]
+    objects: list[ObjectInfo]
+
+
+@dataclass
+class Capabilities:
+    """What this server turned out to support (``None`` = not tried yet)."""
+
+    copy_object_sse_c: bool | None = None
+    part_copy_cross_key: bool | None = None
+
+
+def _ts(value: Any) -> float:
+    return value.timestamp() if isinstance(value, datetime) else 0.0
+
+
+def _map_client_error(e: ClientError, what: str) -> FsError:
+    """The one S3-error → errno map."""
+    err = e.response.get("Error", {})
+    code = str(err.get("Code", ""))
+    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    msg = f"{what}: {status} {code}".strip()
+    if code in ("NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchVersion") or status == 404:
+        if code == "NoSuchBucket":
+            return FsError(errno.ENOENT, f"{what}: bucket does not exist")
+        return FsError(errno.ENOENT, msg)
+    if code == "BucketNotEmpty":
+        return FsError(errno.ENOTEMPTY, msg)
+    if code == "KeyTooLongError":
+        return FsError(errno.ENAMETOOLONG, msg)
+    if code in ("NotImplemented",) or status == 501:
+        return FsError(errno.ENOTSUP, msg)
+    if code == "InvalidRange" or status == 416:
+        return FsError(errno.EINVAL, msg)
+    if code == "PreconditionFailed" or status == 412:
+        return FsError(errno.ESTALE, msg)
+    if status == 403:
+        return FsError(errno.EACCES, msg)
+    if status == 400 and code in ("", "400", "BadRequest", "InvalidArgument", "InvalidRequest",
+                                  "InvalidEncryptionAlgorithmError"):
+        # RGW: wrong or missing SSE-C key; AWS: missing key / key for a plain object
+        return FsError(errno.EACCES, msg)
+    if code in ("SlowDown", "Throttling", "ServiceUnavailable", "InternalError",
+                "RequestTimeout") or status >= 500:
+        return FsError(errno.EIO, msg)
+    if status == 400:
+        return FsError(errno.EINVAL, msg)
+    return FsError(errno.EIO, msg)
+
+
+class ObjectStore:
+    """Async S3 access for one bucket. Keys passed in are :class:`Key` objects or ``None``."""
+
+    def __init__(self, cfg: MountConfig, stats: Stats | None = None) -> None:
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.stats = stats or Stats()
+        self.caps = Capabilities()
+        self.limiter = trio.CapacityLimiter(cfg.max_requests)
+        self.part_size = cfg.part_size
+        self._client_lock = threading.Lock()
+        self.client = self._make_client()
+
+    # ------------------------------------------------------------------ set-up
+    def _make_client(self) -> Any:
+        cfg = self.cfg
+        bs = botocore.session.Session(profile=cfg.profile)
+        if cfg.credentials_file is not None:
+            bs.set_config_variable("credentials_file", str(cfg.credentials_file))
+        session = boto3.Session(botocore_session=bs)
+        region = cfg.region or session.region_name or "us-east-1"
+        config = Config(
+            region_name=region,
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if cfg.endpoint else "auto"},
+            retries={"mode": "standard", "total_max_attempts": 5},
+            max_pool_connections=cfg.max_requests + 4,
+            connect_timeout=10,
+            read_timeout=max(5.0, min(60.0, cfg.request_timeout / 2)),
+            tcp_keepalive=True,
+            # Ceph 16 does not understand aws-chunked bodies with trailing checksums
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        verify: bool | str = str(cfg.ca_bundle) if cfg.ca_bundle else True
+        if cfg.ca_bundle is None:
+            verify = None  # type: ignore[assignment]  # botocore then honours AWS_CA_BUNDLE
+        return session.client("s3", endpoint_url=cfg.endpoint, config=config, verify=verify)
+
+    # ------------------------------------------------------------------ the one call path
+    async def _call(self, kind: str, what: str, fn: Callable[..., T], /, **kw: Any) -> T:
+        """Run one boto3 call in a worker thread, with deadline, stats and error mapping."""
+
+        def run() -> T:
+            return fn(**kw)
+
+        try:
+            with trio.fail_after(self.cfg.request_timeout):
+                resp = await trio.to_thread.run_sync(run, limiter=self.limiter,
+                                                     abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self.stats.error(kind)
+            log.warning("%s: no answer within %.0fs [EIO]", what, self.cfg.request_timeout)
+            raise FsError(errno.EIO, f"{what}: timed out") from None
+        except ClientError as e:
+            self.stats.request(kind, retries=e.response.get("ResponseMetadata", {})
+                               .get("RetryAttempts", 0))
+            raise _map_client_error(e, what) from None
+        except NoCredentialsError:
+            self.stats.error(kind)
+            raise FsError(errno.EACCES, f"{what}: no S3 credentials found") from None
+        except SSLError as e:
+            self.stats.error(kind)
+            raise FsError(errno.EIO, f"{what}: TLS failure ({type(e).__name__}); "
+                          "check ca_bundle") from None
+        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
+                ConnectionClosedError) as e:
+            self.stats.error(kind)
+            raise FsError(errno.EIO, f"{what}: {type(e).__name__}") from None
+        except BotoCoreError as e:
+            self.stats.error(kind)
+            raise FsError(errno.EIO, f"{what}: {type(e).__name__}") from None
+        meta = resp.get("ResponseMetadata", {}) if isinstance(resp, dict) else {}
+        self.stats.request(kind, retries=meta.get("RetryAttempts", 0))
+        return resp
+
+    async def _guarded(self, kind: str, what: str, fn: Callable[..., T], /, **kw: Any) -> T:
+        """:meth:`_call`, logging the failure once (bucket, key, status, errno) at WARNING
+        for the errors a user should hear about and DEBUG for the expected ones."""
+        try:
+            return await self._call(kind, what, fn, **kw)
+        except FsError as e:
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                log.debug("%s failed: %s", kind, e)
+            else:
+                self.stats.error(kind)
+                log.warning("s3://%s %s failed: %s", self.bucket, kind, e)
+            raise
+
+    def _what(self, op: str, key: str) -> str:
+        return f"{op} s3://{self.bucket}/{key}"
+
+    # ------------------------------------------------------------------ checks at mount
+    async def check_bucket(self) -> None:
+        """HEAD the bucket: missing bucket, refused credentials, unreachable endpoint."""
+        await self._call("head_bucket", f"bucket {self.bucket}", self.client.head_bucket,
+                         Bucket=self.bucket)
+
+    async def bucket_encryption(self) -> dict[str, Any] | None:
+        try:
+            resp = await self._call("get_bucket_encryption", f"bucket {self.bucket}",
+                                    self.client.get_bucket_encryption, Bucket=self.bucket)
+        except FsError:
+            return None
+        return resp.get("ServerSideEncryptionConfiguration")
+
+    # ------------------------------------------------------------------ reads
+    async def head(self, key: str, sse_key: Key | None, version_id: str | None = None,
+                   ) -> ObjectInfo:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **sse_c_params(sse_key)}
+        if version_id:
+            kw["VersionId"] = version_id
+        r = await self._call("head", self._what("HEAD", key), self.client.head_object, **kw)
+        return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)),
+                          etag=str(r.get("ETag", "")).strip('"'),
+                          mtime=_ts(r.get("LastModified")), metadata=dict(r.get("Metadata", {})),
+                          version_id=r.get("VersionId"), sse_c_md5=r.get("SSECustomerKeyMD5"),
+                          sse=r.get("ServerSideEncryption"))
+
+    async def get_range(self, key: str, start: int, end: int, sse_key: Key | None,
+                        version_id: str | None = None, if_match: str | None = None) -> bytes:
+        """Bytes ``[start, end)``; fewer at the end of the object; empty past it."""
+        if end <= start:
+            return b""
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                              "Range": f"bytes={start}-{end - 1}", **sse_c_params(sse_key)}
+        if version_id:
+            kw["VersionId"] = version_id
+        if if_match:
+            kw["IfMatch"] = f'"{if_match}"'
+
+        def get(**kw2: Any) -> dict[str, Any]:
+            try:
+                r = self.client.get_object(**kw2)
+            except ClientError as e:
+                # 416: the range starts at or past the end; that is EOF, not a failure
+                if (e.response.get("Error", {}).get("Code") == "InvalidRange"
+                        or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416):
+                    return {"Data": b"", "ResponseMetadata": e.response.get("ResponseMetadata",
+                                                                            {})}
+                raise
+            with r["Body"] as body:
+                r["Data"] = body.read()
+            return r
+
+        r = await self._guarded("get", self._what("GET", key), get, **kw)
+        data: bytes = r["Data"]
+        self.stats.request("get_bytes", down=len(data))
+        return data
+
+    async def list_pages(self, prefix: str, delimiter: str | None = "/",
+                         start_after: str | None = None, page_size: int = 1000,
+                         ) -> AsyncIterator[ListPage]:
+        """ListObjectsV2, one page at a time: a million keys never sit in memory at once."""
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
+            if delimiter:
+                kw["Delimiter"] = delimiter
+            if token:
+                kw["ContinuationToken"] = token
+            elif start_after:
+                kw["StartAfter"] = start_after
+            r = await self._guarded("list", f"LIST s3://{self.bucket}/{prefix}",
+                                    self.client.list_objects_v2, **kw)
+            yield ListPage(
+                prefixes=[p["Prefix"] for p in r.get("CommonPrefixes", [])],
+                objects=[ObjectInfo(key=o["Key"], size=int(o.get("Size", 0)),
+                                    etag=str(o.get("ETag", "")).strip('"'),
+                                    mtime=_ts(o.get("LastModified")))
+                         for o in r.get("Contents", [])])
+            if not r.get("IsTruncated"):
+                return
+            token = r.get("NextContinuationToken")
+            if not token:
+                return
+
+    async def list_version_pages(self, prefix: str, delimiter: str | None = "/",
+                                 ) -> AsyncIterator[ListPage]:
+        """ListObjectVersions pages; delete markers come back with ``delete_marker=True``."""
+        key_marker: str | None = None
+        vid_marker: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+            if delimiter:
+                kw["Delimiter"] = delimiter
+            if key_marker:
+                kw["KeyMarker"] = key_marker
+                if vid_marker:
+                    kw["VersionIdMarker"] = vid_marker
+            r = await self._guarded("list_versions", f"LISTVERSIONS s3://{self.bucket}/{prefix}",
+                                    self.client.list_object_versions, **kw)
+            objs = [ObjectInfo(key=o["Key"], size=int(o.get("Size", 0)),
+                               etag=str(o.get("ETag", "")).strip('"'),
+                               mtime=_ts(o.get("LastModified")), version_id=o.get("VersionId"),
+                               is_latest=bool(o.get("IsLatest")))
+                    for o in r.get("Versions", [])]
+            objs += [ObjectInfo(key=o["Key"], size=0, etag="", mtime=_ts(o.get("LastModified")),
+                                version_id=o.get("VersionId"), is_latest=bool(o.get("IsLatest")),
+                                delete_marker=True)
+                     for o in r.get("DeleteMarkers", [])]
+            yield ListPage(prefixes=[p["Prefix"] for p in r.get("CommonPrefixes", [])],
+                           objects=objs)
+            if not r.get("IsTruncated"):
+                return
+            key_marker = r.get("NextKeyMarker")
+            vid_marker = r.get("NextVersionIdMarker")
+            if not key_marker:
+                return
+
+    # ------------------------------------------------------------------ writes
+    def _check_echo(self, resp: dict[str, Any], sse_key: Key | None, what: str) -> None:
+        """The server must say it encrypted with our key; otherwise it stored plaintext."""
+        if sse_key is None:
+            return
+        if resp.get("SSECustomerKeyMD5") != sse_key.fingerprint:
+            raise FsError(errno.EIO, f"{what}: server did not confirm SSE-C encryption "
+                          "(no key MD5 echoed); refusing to leave plaintext in the bucket")
+
+    async def put(self, key: str, body: bytes, sse_key: Key | None,
+                  metadata: dict[str, str] | None = None,
+                  content_type: str | None = None) -> ObjectInfo:
+        what = self._what("PUT", key)
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
+                              "Metadata": metadata or {}, **sse_c_params(sse_key)}
+        if content_type:
+            kw["ContentType"] = content_type
+        r = await self._guarded("put", what, self.client.put_object, **kw)
+        self.stats.request("put_bytes", up=len(body))
+        try:
+            self._check_echo(r, sse_key, what)
+        except FsError as e:
+            log.error("%s", e)
+            await self._delete_quietly(key, r.get("VersionId"))
+            raise
+        return ObjectInfo(key=key, size=len(body), etag=str(r.get("ETag", "")).strip('"'),
+                          mtime=0.0, metadata=dict(metadata or {}),
+                          version_id=r.get("VersionId"),
+                          sse_c_md5=r.get("SSECustomerKeyMD5"))
+
+    async def create_multipart(self, key: str, sse_key: Key | None,
+                               metadata: dict[str, str] | None = None) -> str:
+        what = self._what("CreateMultipartUpload", key)
+        r = await self._guarded("create_multipart", what, self.client.create_multipart_upload,
+                                Bucket=self.bucket, Key=key, Metadata=metadata or {},
+                                **sse_c_params(sse_key))
+        upload_id: str = r["UploadId"]
+        try:
+            self._check_echo(r, sse_key, what)
+        except FsError as e:
+            log.error("%s", e)
+            await self.abort_multipart(key, upload_id)
+            raise
+        return upload_id
+
+    async def upload_part(self, key: str, upload_id: str, part_no: int, body: bytes,
+                          sse_key: Key | None) -> str:
+        what = self._what(f"UploadPart {part_no}", key)
+        r = await self._guarded("upload_part", what, self.client.upload_part,
+                                Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                PartNumber=part_no, Body=body, **sse_c_params(sse_key))
+        self.stats.request("part_bytes", up=len(body))
+        self._check_echo(r, sse_key, what)
+        return str(r["ETag"])
+
+    async def upload_part_copy(self, key: str, upload_id: str, part_no: int, src_key: str,
+                               start: int, end: int, src_sse: Key | None, dst_sse: Key | None,
+                               src_version: str | None = None) -> str:
+        """Copy bytes ``[start, end)`` of ``src_key`` into part ``part_no`` on the server."""
+        source: dict[str, str] = {"Bucket": self.bucket, "Key": src_key}
+        if src_version:
+            source["VersionId"] = src_version
+        what = self._what(f"UploadPartCopy {part_no}", key)
+        r = await self._guarded("upload_part_copy", what, self.client.upload_part_copy,
+                                Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                PartNumber=part_no, CopySource=source,
+                                CopySourceRange=f"bytes={start}-{end - 1}",
+                                **sse_c_params(dst_sse),
+                                **sse_c_params(src_sse, copy_source=True))
+        # RGW echoes nothing here; the upload's CreateMultipartUpload echo vouches for it
+        return str(r["CopyPartResult"]["ETag"])
+
+    async def complete_multipart(self, key: str, upload_id: str,
+                                 parts: list[tuple[int, str]], sse_key: Key | None,
+                                 ) -> ObjectInfo:
+        what = self._what("CompleteMultipartUpload", key)
+        r = await self._guarded(
+            "complete_multipart", what, self.client.complete_multipart_upload,
+            Bucket=self.bucket, Key=key, UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]})
+        return ObjectInfo(key=key, size=-1, etag=str(r.get("ETag", "")).strip('"'), mtime=0.0,
+                          version_id=r.get("VersionId"), sse_c_md5=sse_key and sse_key.fingerprint)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            await self._call("abort_multipart", self._what("AbortMultipartUpload", key),
+                             self.client.abort_multipart_upload, Bucket=self.bucket, Key=key,
+                             UploadId=upload_id)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("s3://%s abort of upload for %s failed: %s", self.bucket, key, e)
+
+    async def list_multipart_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """(key, upload_id, initiated) of every unfinished upload under ``prefix``."""
+        out: list[tuple[str, str, float]] = []
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            r = await self._guarded("list_uploads", f"LISTUPLOADS s3://{self.bucket}/{prefix}",
+                                    self.client.list_multipart_uploads, **kw)
+            out += [(u["Key"], u["UploadId"], _ts(u.get("Initiated")))
+                    for u in r.get("Uploads", [])]
+            if not r.get("IsTruncated"):
+                return out
+            kw["KeyMarker"] = r.get("NextKeyMarker")
+            kw["UploadIdMarker"] = r.get("NextUploadIdMarker")
+
+    async def delete(self, key: str, version_id: str | None = None) -> None:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id:
+            kw["VersionId"] = version_id
+        await self._guarded("delete", self._what("DELETE", key), self.client.delete_object, **kw)
+
+    async def _delete_quietly(self, key: str, version_id: str | None = None) -> None:
+        try:
+            await self.delete(key, version_id)
+        except FsError as e:
+            log.error("could not delete unencrypted object s3://%s/%s: %s", self.bucket, key, e)
+
+    # ------------------------------------------------------------------ server-side copy
+    async def copy(self, src: str, dst: str, src_sse: Key | None, dst_sse: Key | None,
+                   metadata: dict[str, str] | None, size: int,
+                   src_version: str | None = None) -> ObjectInfo:
+        """Copy ``src`` to ``dst`` (optionally with new metadata and a new key).
+
+        Tries, in order, what the server can do without the data passing through us:
+        CopyObject, then a multipart copy (UploadPartCopy); where the server refuses both
+        (RGW and a change of key), streams ranged GETs into a multipart PUT held in memory.
+        ``metadata=None`` keeps the source's metadata.
+        """
+        if metadata is None:
+            metadata = (await self.head(src, src_sse, src_version)).metadata
+        if size == 0:
+            return await self.put(dst, b"", dst_sse, metadata)
+        uses_sse_c = src_sse is not None or dst_sse is not None
+        if size <= MAX_SINGLE_COPY and (not uses_sse_c or self.caps.copy_object_sse_c
+                                        is not False):
+            try:
+                return await self._copy_object(src, dst, src_sse, dst_sse, metadata, src_version)
+            except FsError as e:
+                if not uses_sse_c or e.errno not in (errno.ENOTSUP, errno.EIO):
+                    raise
+                # 501 (RGW with an SSE-C source) or no encryption echoed (RGW with a plain
+                # source and an SSE-C target stores plaintext): never use CopyObject again
+                self.caps.copy_object_sse_c = False
+                log.info("server cannot CopyObject with SSE-C (%s); using multipart copy", e)
+        same_key = (src_sse is None and dst_sse is None) or (
+            src_sse is not None and dst_sse is not None and src_sse.raw == dst_sse.raw)
+        if same_key or self.caps.part_copy_cross_key is not False:
+            try:
+                return await self._multipart_copy(src, dst, src_sse, dst_sse, metadata, size,
+                                                  src_version)
+            except FsError as e:
+                if same_key or e.errno not in (errno.ENOTSUP, errno.EACCES, errno.EINVAL):
+                    raise
+                self.caps.part_copy_cross_key = False
+                log.info("server refuses UploadPartCopy between keys; streaming instead")
+        return await self._stream_copy(src, dst, src_sse, dst_sse, metadata, size, src_version)
+
+    async def _copy_object(self, src: str, dst: str, src_sse: Key | None, dst_sse: Key | None,
+                           metadata: dict[str, str], src_version: str | None) -> ObjectInfo:
+        source: dict[str, str] = {"Bucket": self.bucket, "Key": src}
+        if src_version:
+            source["VersionId"] = src_version
+        what = self._what("CopyObject", dst)
+        r = await self._call("copy", what, self.client.copy_object, Bucket=self.bucket,
+                             Key=dst, CopySource=source, Metadata=metadata,
+                             MetadataDirective="REPLACE", **sse_c_params(dst_sse),
+                             **sse_c_params(src_sse, copy_source=True))
+        try:
+            self._check_echo(r, dst_sse, what)
+        except FsError:
+            await self._delete_quietly(dst, r.get("VersionId"))
+            raise
+        if src_sse is not None or dst_sse is not None:
+            self.caps.copy_object_sse_c = True
+        res = r.get("CopyObjectResult", {})
+        return ObjectInfo(key=dst, size=-1, etag=str(res.get("ETag", "")).strip('"'),
+                          mtime=_ts(res.get("LastModified")), metadata=metadata,
+                          version_id=r.get("VersionId"), sse_c_md5=r.get("SSECustomerKeyMD5"))
+
+    def _ranges(self, size: int) -> list[tuple[int, int, int]]:
+        part = max(self.part_size, -(-size // 10000))
+        return [(i + 1, off, min(off + part, size)) for i, off in enumerate(range(0, size, part))]
+
+    async def _multipart_copy(self, src: str, dst: str, src_sse: Key | None,
+                              dst_sse: Key | None, metadata: dict[str, str], size: int,
+                              src_version: str | None) -> ObjectInfo:
+        upload_id = await self.create_multipart(dst, dst_sse, metadata)
+        etags: dict[int, str] = {}
+        try:
+            async def one(no: int, start: int, end: int) -> None:
+                etags[no] = await self.upload_part_copy(dst, upload_id, no, src, start, end,
+                                                        src_sse, dst_sse, src_version)
+
+            await gather(partial(one, *r) for r in self._ranges(size))
+            info = await self.complete_multipart(dst, upload_id, sorted(etags.items()), dst_sse)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.abort_multipart(dst, upload_id)
+            raise
+        if src_sse is not None and dst_sse is not None and src_sse.raw != dst_sse.raw:
+            self.caps.part_copy_cross_key = True
+        info.size = size
+        info.metadata = metadata
+        return info
+
+    async def _stream_copy(self, src: str, dst: str, src_sse: Key | None, dst_sse: Key | None,
+                           metadata: dict[str, str], size: int,
+                           src_version: str | None) -> ObjectInfo:
+        """Ranged GETs under the old key feed parts under the new one; a few parts in memory."""
+        if size <= self.part_size:
+            data = await self.get_range(src, 0, size, src_sse, src_version)
+            return await self.put(dst, data, dst_sse, metadata)
+        upload_id = await self.create_multipart(dst, dst_sse, metadata)
+        etags: dict[int, str] = {}
+        try:
+            async def one(no: int, start: int, end: int) -> None:
+                data = await self.get_range(src, start, end, src_sse, src_version)
+                etags[no] = await self.upload_part(dst, upload_id, no, data, dst_sse)
+
+            # at most 4 parts in memory at once
+            await gather((partial(one, *r) for r in self._ranges(size)), limit=4)
+            info = await self.complete_multipart(dst, upload_id, sorted(etags.items()), dst_sse)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.abort_multipart(dst, upload_id)
+            raise
+        info.size = size
+        info.metadata = metadata
+        return info

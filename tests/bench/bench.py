@@ -1,0 +1,1264 @@
+#!/usr/bin/env python3
+"""s3ssefs benchmark: s3ssefs against s3fs-fuse, rclone mount and direct boto3, all on SSE-C.
+
+Never part of the test suite.  Run as root (FUSE mounts, drop_caches) from the repo root:
+
+    .venv/bin/python tests/bench/bench.py --size 1G --runs 3 --json bench.json
+
+Every system gets a fresh bucket of the local Ceph RGW (tests/rgw-up.sh) per run, over HTTPS,
+with one SSE-C key generated for this invocation and handed to each tool its own way (never on
+argv).  Runs are interleaved: run 1 of every system, then run 2 of every system (in a rotated
+order), ...  Medians, min-max, the ratio of s3ssefs (or --ratio-base) to each other system and
+the client CPU of each system are printed and, with --json, written out.
+
+Mount systems are driven with fio (sequential / random / parallel reads and writes) and plain
+file calls (small files, ls -l, rename); "boto3" runs the same workloads directly with boto3 in
+a worker subprocess (parallel ranged GETs, parallel multipart PUT) as the client-side limit.
+See tests/bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+GiB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------------- helpers
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+def fmt_size(n: int) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n} B"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    | " + ln for ln in lines[-n:])
+
+
+def drop_page_cache() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def proc_tree_cpu(pid: int) -> float | None:
+    """utime+stime (+ waited children) of pid and its live descendants, in seconds."""
+    def one(p: int) -> float:
+        with open(f"/proc/{p}/stat") as f:
+            s = f.read()
+        rest = s[s.rfind(")") + 2:].split()
+        return sum(int(x) for x in rest[11:15]) / CLK_TCK
+
+    try:
+        total = one(pid)
+    except OSError:
+        return None
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                s = f.read()
+            ppid = int(s[s.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    stack = list(children.get(pid, []))
+    while stack:
+        c = stack.pop()
+        with contextlib.suppress(OSError):
+            total += one(c)
+        stack.extend(children.get(c, []))
+    return total
+
+
+def load_rgw_env(state_dir: str | None) -> dict[str, str]:
+    """Run tests/rgw-up.sh (idempotent: reuses a running RGW) and parse its export lines."""
+    cmd = ["bash", str(REPO / "tests" / "rgw-up.sh")]
+    if state_dir:
+        cmd.append(state_dir)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"tests/rgw-up.sh failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    env = {}
+    for ln in p.stdout.splitlines():
+        ln = ln.strip()
+        if ln.startswith("export ") and "=" in ln:
+            k, v = ln[len("export "):].split("=", 1)
+            env[k] = v.strip("'\"")
+    for k in ("S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CA_BUNDLE"):
+        if k not in env:
+            sys.exit(f"tests/rgw-up.sh printed no {k}")
+    return env
+
+
+# --------------------------------------------------------------------------------- processes
+class Procs:
+    """Every process we start, so that whatever happens they are killed by PID on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.mounts: set[Path] = set()
+
+    def start(self, cmd: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    @staticmethod
+    def stop(p: subprocess.Popen, grace: float = 10.0) -> None:
+        if p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+
+    def cleanup(self) -> None:
+        for m in list(self.mounts):
+            fuse_unmount(m)
+        for p in self.procs:
+            self.stop(p, 3)
+
+
+PROCS = Procs()
+
+
+def fuse_unmount(mnt: Path) -> None:
+    if not os.path.ismount(mnt):
+        PROCS.mounts.discard(mnt)
+        return
+    for _ in range(5):
+        if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode == 0:
+            break
+        time.sleep(1)
+    else:
+        log(f"fusermount3 -u {mnt} kept failing; lazy unmount (-uz)")
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    PROCS.mounts.discard(mnt)
+
+
+# --------------------------------------------------------------------------------- S3 side
+class S3:
+    """The harness's own boto3 client: buckets, seeding, durability polls, encryption checks."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.ctx = ctx
+        self.c = boto3.client(
+            "s3", endpoint_url=ctx.endpoint, verify=ctx.ca,
+            config=Config(max_pool_connections=32, retries={"max_attempts": 5, "mode": "standard"},
+                          s3={"addressing_style": "path"}))
+        self.sse = dict(SSECustomerAlgorithm="AES256", SSECustomerKey=ctx.key)
+
+    def create_bucket(self, b: str) -> None:
+        self.c.create_bucket(Bucket=b)
+
+    def delete_bucket(self, b: str) -> None:
+        with contextlib.suppress(Exception):
+            for page in self.c.get_paginator("list_objects_v2").paginate(Bucket=b):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                for i in range(0, len(keys), 1000):
+                    self.c.delete_objects(Bucket=b, Delete={"Objects": keys[i:i + 1000],
+                                                            "Quiet": True})
+            for u in self.c.list_multipart_uploads(Bucket=b).get("Uploads", []):
+                self.c.abort_multipart_upload(Bucket=b, Key=u["Key"], UploadId=u["UploadId"])
+        try:
+            self.c.delete_bucket(Bucket=b)
+        except Exception as e:
+            log(f"could not delete bucket {b}: {e}")
+
+    def listing(self, b: str, prefix: str) -> dict[str, int]:
+        out = {}
+        for page in self.c.get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=prefix):
+            for o in page.get("Contents", []):
+                out[o["Key"]] = o["Size"]
+        return out
+
+    def wait_until(self, b: str, prefix: str, pred, timeout: float) -> float:
+        """Poll the listing until pred(listing) holds; returns the time it first held."""
+        t_end = time.monotonic() + timeout
+        while True:
+            if pred(self.listing(b, prefix)):
+                return time.monotonic()
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"not durable in s3://{b}/{prefix} after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def meta(self) -> dict[str, str]:
+        # what s3fs writes (and s3ssefs reads): regular file 0644, root, mtime in seconds
+        return {"mode": str(0o100644), "uid": str(os.getuid()), "gid": str(os.getgid()),
+                "mtime": str(int(time.time()))}
+
+    def seed(self, b: str, key: str, size: int) -> None:
+        """Upload `size` random bytes with SSE-C (multipart above 16 MiB), untimed."""
+        part = 16 * MiB
+        buf = os.urandom(min(size, part))
+        if size <= part:
+            self.c.put_object(Bucket=b, Key=key, Body=buf[:size], Metadata=self.meta(), **self.sse)
+            return
+        up = self.c.create_multipart_upload(Bucket=b, Key=key, Metadata=self.meta(), **self.sse)
+        n = (size + part - 1) // part
+
+        def put(i: int) -> dict:
+            ln = min(part, size - i * part)
+            r = self.c.upload_part(Bucket=b, Key=key, UploadId=up["UploadId"], PartNumber=i + 1,
+                                   Body=buf[:ln], **self.sse)
+            return {"PartNumber": i + 1, "ETag": r["ETag"]}
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            parts = list(ex.map(put, range(n)))
+        self.c.complete_multipart_upload(Bucket=b, Key=key, UploadId=up["UploadId"],
+                                         MultipartUpload={"Parts": parts})
+
+    def seed_many(self, b: str, keys: list[str], size: int) -> None:
+        with cf.ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda k: self.seed(b, k, size), keys))
+
+    def encryption(self, b: str, key: str) -> str:
+        """'sse-c' if a keyless GET fails and a keyed HEAD says AES256, 'PLAINTEXT' if a keyless
+        GET returns data, else a short description."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.c.get_object(Bucket=b, Key=key, Range="bytes=0-0")["Body"].read()
+            return "PLAINTEXT"
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            if code in ("NoSuchKey", "404"):
+                return "missing"
+        try:
+            h = self.c.head_object(Bucket=b, Key=key, **self.sse)
+        except ClientError as e:
+            return f"unreadable with our key ({e.response.get('Error', {}).get('Code')})"
+        return "sse-c" if h.get("SSECustomerAlgorithm") == "AES256" else "encrypted?"
+
+
+# --------------------------------------------------------------------------------- context
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    env: dict[str, str]            # process env + RGW env (boto3, s3ssefs)
+    endpoint: str
+    ca: str
+    key: bytes
+    work: Path
+    runid: str
+    size: int
+    par_size: int
+    par_n: int
+    rename_size: int
+    small_n: int
+    rand_n: int
+    s3: S3 | None = None
+    systems: dict = field(default_factory=dict)
+
+    @property
+    def key_b64(self) -> str:
+        return base64.b64encode(self.key).decode()
+
+
+# --------------------------------------------------------------------------------- systems
+class MountError(RuntimeError):
+    pass
+
+
+class System:
+    """One client under test.  Subclasses say how to mount, unmount and empty caches."""
+
+    name = "?"
+    is_mount = True
+    mount_timeout = 30.0
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.dir = ctx.work / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.mnt = self.dir / "mnt"
+        self.cache = self.dir / "cache"
+        self.logf = self.dir / "mount.log"
+        self.proc: subprocess.Popen | None = None
+        self.bucket = ""
+        self.prepare()
+
+    # -- hooks
+    def prepare(self) -> None:
+        """Write key/config files (once per invocation)."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        if not self.is_mount:
+            return
+        self.mnt.mkdir(exist_ok=True)
+        self.cache.mkdir(exist_ok=True)
+        cmd, env = self.command()
+        with open(self.logf, "a") as lf:
+            lf.write(f"\n===== {time.strftime('%T')} mount {self.bucket}\n")
+            lf.flush()
+            self.proc = PROCS.start(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=self.dir)
+        PROCS.mounts.add(self.mnt)
+        t_end = time.monotonic() + self.mount_timeout
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None:
+                raise MountError(f"{self.name}: mount process exited with rc {self.proc.returncode}"
+                                 f" (log {self.logf}):\n{tail(self.logf)}")
+            if time.monotonic() > t_end:
+                self.unmount()
+                raise MountError(f"{self.name}: no mount at {self.mnt} after "
+                                 f"{self.mount_timeout:.0f} s (log {self.logf}):\n"
+                                 f"{tail(self.logf)}")
+            time.sleep(0.1)
+
+    def unmount(self) -> None:
+        if not self.is_mount:
+            return
+        fuse_unmount(self.mnt)
+        if self.proc is not None:
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: mount process {self.proc.pid} still alive 60 s after unmount;"
+                    " terminating it")
+                Procs.stop(self.proc)
+            self.proc = None
+
+    def clear_cache(self) -> None:
+        if self.cache.exists():
+            shutil.rmtree(self.cache)
+        self.cache.mkdir()
+
+    def cold(self) -> None:
+        """Empty every cache: remount with an empty cache dir and drop the page cache."""
+        self.unmount()
+        self.clear_cache()
+        if not drop_page_cache():
+            self.ctx.args._warn_dropcache = True
+        self.mount()
+
+    def alive(self) -> bool:
+        return not self.is_mount or (self.proc is not None and self.proc.poll() is None
+                                     and os.path.ismount(self.mnt))
+
+    def cpu(self) -> float | None:
+        if self.proc is None:
+            return None
+        return proc_tree_cpu(self.proc.pid)
+
+    def path(self, rel: str) -> Path:
+        return self.mnt / rel
+
+
+class S3ssefs(System):
+    name = "s3ssefs"
+
+    def prepare(self) -> None:
+        self.keyfile = self.dir / "keys.toml"
+        fd = os.open(self.keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'version = 1\ncurrent = "k1"\n\n[keys]\n"k1" = "{self.ctx.key_b64}"\n')
+        os.chmod(self.keyfile, 0o600)
+
+    def command(self):
+        a = self.ctx.args
+        cmd = [a.python, "-m", "s3ssefs", "mount", self.bucket, str(self.mnt),
+               "--keyfile", str(self.keyfile), "--endpoint", self.ctx.endpoint,
+               "--ca-bundle", self.ctx.ca, "--cache-dir", str(self.cache), "--foreground",
+               *a.s3ssefs_opt]
+        env = dict(self.ctx.env)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return cmd, env
+
+
+class S3fs(System):
+    """Debian s3fs-fuse.  Key file: one key per line; a line longer than 32 chars is taken as
+    base64 (s3fs PushbackSseKeys), so we write the base64 of the 32 random bytes."""
+
+    name = "s3fs"
+    extra: tuple[str, ...] = ()
+
+    def prepare(self) -> None:
+        self.keyfile = self.dir / "sse-c.key"
+        self.passwd = self.dir / "passwd"
+        for path, text in ((self.keyfile, self.ctx.key_b64 + "\n"),
+                           (self.passwd, f"{self.ctx.env['AWS_ACCESS_KEY_ID']}:"
+                                         f"{self.ctx.env['AWS_SECRET_ACCESS_KEY']}\n")):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+
+    def command(self):
+        opts = [f"url={self.ctx.endpoint}", "use_path_request_style",
+                f"passwd_file={self.passwd}", f"use_sse=custom:{self.keyfile}",
+                "dbglevel=warn", *self.extra, *self.ctx.args.s3fs_opt]
+        cmd = ["s3fs", self.bucket, str(self.mnt), "-f", "-o", ",".join(opts)]
+        env = {k: v for k, v in self.ctx.env.items() if not k.startswith("AWS_")}
+        env["CURL_CA_BUNDLE"] = self.ctx.ca  # s3fs reads it and sets CURLOPT_CAINFO
+        return cmd, env
+
+
+class S3fsNoMultipart(S3fs):
+    name = "s3fs-nomp"
+    extra = ("nomultipart",)
+
+
+class S3fsNoCopyApi(S3fs):
+    """nocopyapi: rename = download + upload.  On Ceph 16 CopyObject of an SSE-C source answers
+    501 (plain s3fs: rename fails with EOPNOTSUPP), and s3fs 1.90's multipart upload of a new
+    file is stored without SSE-C unless nocopyapi is set."""
+
+    name = "s3fs-nocopy"
+    extra = ("nocopyapi",)
+
+
+class S3fsCache(S3fs):
+    name = "s3fs-cache"
+
+    @property
+    def extra(self):  # type: ignore[override]
+        return (f"use_cache={self.cache}",)
+
+
+class Rclone(System):
+    mode = "writes"
+
+    def prepare(self) -> None:
+        self.conf = self.dir / "rclone.conf"
+        e = self.ctx.env
+        text = ("[bench]\ntype = s3\nprovider = Ceph\nenv_auth = false\n"
+                f"access_key_id = {e['AWS_ACCESS_KEY_ID']}\n"
+                f"secret_access_key = {e['AWS_SECRET_ACCESS_KEY']}\n"
+                f"endpoint = {self.ctx.endpoint}\nregion = {e.get('AWS_DEFAULT_REGION', '')}\n"
+                "sse_customer_algorithm = AES256\n"
+                f"sse_customer_key_base64 = {self.ctx.key_b64}\n")
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    def command(self):
+        a = self.ctx.args
+        cmd = ["rclone", "mount", f"bench:{self.bucket}", str(self.mnt),
+               "--config", str(self.conf), "--ca-cert", self.ctx.ca,
+               "--cache-dir", str(self.cache), "--vfs-cache-mode", self.mode,
+               "--vfs-write-back", a.rclone_write_back, *a.rclone_opt]
+        # rclone refuses to start with AWS_CA_BUNDLE set (it uses --ca-cert instead)
+        env = {k: v for k, v in self.ctx.env.items() if not k.startswith("AWS_")}
+        return cmd, env
+
+
+class RcloneWrites(Rclone):
+    name = "rclone-writes"
+    mode = "writes"
+
+
+class RcloneFull(Rclone):
+    name = "rclone-full"
+    mode = "full"
+
+
+class Boto3(System):
+    """Direct boto3, no mount: the client-side limit.  Workloads run in a worker subprocess."""
+
+    name = "boto3"
+    is_mount = False
+
+    def worker(self, op: str, **kw) -> dict:
+        spec = {"op": op, "bucket": self.bucket, "endpoint": self.ctx.endpoint, "ca": self.ctx.ca,
+                "key_b64": self.ctx.key_b64, "threads": self.ctx.args.boto3_threads,
+                "part": self.ctx.args.boto3_part, **kw}
+        p = subprocess.run([sys.executable, __file__, "--boto3-worker"], input=json.dumps(spec),
+                           capture_output=True, text=True, env=self.ctx.env, timeout=3600)
+        if p.returncode != 0:
+            raise RuntimeError(f"boto3 worker {op} failed:\n{p.stderr[-2000:]}")
+        return json.loads(p.stdout)
+
+
+SYSTEMS = {c.name: c for c in (S3ssefs, S3fs, S3fsNoCopyApi, S3fsNoMultipart, S3fsCache,
+                               RcloneWrites, RcloneFull, Boto3)}
+DEFAULT_SYSTEMS = "s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,boto3"
+
+
+# --------------------------------------------------------------------------------- fio
+def fio(ctx: Ctx, args: list[str], jobfile: str | None = None) -> tuple[float, dict]:
+    """Run fio, return (wall seconds from exec to exit: includes open and close, fio's JSON)."""
+    cmd = ["fio", "--output-format=json"]
+    if jobfile is not None:
+        jf = ctx.work / "job.fio"
+        jf.write_text(jobfile)
+        cmd.append(str(jf))
+    cmd += args
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.args.timeout)
+    wall = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"fio failed (rc {p.returncode}): {p.stderr.strip()[-1500:]}"
+                           f" {p.stdout.strip()[-500:]}")
+    try:
+        out = json.loads(p.stdout[p.stdout.index("{"):])
+    except ValueError:
+        out = {}
+    for job in out.get("jobs", []):
+        if job.get("error"):
+            raise RuntimeError(f"fio job error {job['error']}: {p.stderr.strip()[-800:]}")
+    return wall, out
+
+
+FIO_COMMON = ["--ioengine=psync", "--thread", "--invalidate=0", "--fallocate=none",
+              "--direct=0"]
+
+
+# --------------------------------------------------------------------------------- workloads
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_better: bool
+
+
+class Measure:
+    """Collects one run's metrics of one system."""
+
+    def __init__(self, sysm: System) -> None:
+        self.sys = sysm
+        self.values: dict[str, float] = {}
+        self.cpu: dict[str, tuple[float, float | None]] = {}  # workload -> (cpu s, GiB or None)
+        self.enc: dict[str, str] = {}
+        self.errors: list[str] = []
+        self.extra: dict[str, object] = {}
+
+
+BIG = "bench/big.bin"
+SMALL_DIR = "bench/small"
+REN_SRC, REN_DST = "bench/ren/src.bin", "bench/ren/dst.bin"
+PAR_DIR = "bench/par"
+
+
+def metrics(ctx: Ctx) -> list[Metric]:
+    s, r = fmt_size(ctx.size), fmt_size(ctx.rename_size)
+    return [
+        Metric("write_close", f"seq write {s}, to close", "MiB/s", True),
+        Metric("write_durable", f"seq write {s}, to durable", "MiB/s", True),
+        Metric("read_cold", f"seq read {s}, cold", "MiB/s", True),
+        Metric("read_warm", f"seq re-read {s}, warm", "MiB/s", True),
+        Metric("rand_cold", f"{ctx.rand_n} rand 4K reads, cold mount", "ops/s", True),
+        Metric("rand_warm", f"{ctx.rand_n} rand 4K reads, warm", "ops/s", True),
+        Metric("small_close", f"create {ctx.small_n} x 4 KiB, to close", "s", False),
+        Metric("small_durable", f"create {ctx.small_n} x 4 KiB, to durable", "s", False),
+        Metric("ls_cold", f"ls -l of {ctx.small_n} files, cold", "s", False),
+        Metric("rename_return", f"rename {r}, rename() returns", "s", False),
+        Metric("rename_durable", f"rename {r}, to durable", "s", False),
+        Metric("par_read", f"{ctx.par_n} readers x {fmt_size(ctx.par_size)}, cold", "MiB/s",
+               True),
+    ]
+
+
+WORKLOADS = ["write", "read-cold", "read-warm", "rand-cold", "rand-warm", "small", "ls",
+             "rename", "par-read"]
+
+
+class Runner:
+    def __init__(self, ctx: Ctx, sysm: System, m: Measure) -> None:
+        self.ctx, self.sys, self.m = ctx, sysm, m
+        self.s3 = ctx.s3
+        self.have_big = False
+        self.have_small = False
+        self.did_seq_read = False
+        self.did_rand = False
+
+    # -- cpu bracket
+    @contextlib.contextmanager
+    def cpu_of(self, workload: str, gib: float | None):
+        c0 = self.sys.cpu()
+        box: dict = {}
+        yield box
+        if "cpu" in box:  # boto3 worker reports its own
+            self.m.cpu[workload] = (box["cpu"], gib)
+            return
+        c1 = self.sys.cpu()
+        if c0 is not None and c1 is not None:
+            self.m.cpu[workload] = (c1 - c0, gib)
+
+    def ensure_big(self) -> None:
+        if not self.have_big:
+            log(f"  seeding {BIG} ({fmt_size(self.ctx.size)}) with boto3")
+            self.s3.seed(self.sys.bucket, BIG, self.ctx.size)
+            self.have_big = True
+
+    def ensure_small(self) -> None:
+        if not self.have_small:
+            log(f"  seeding {self.ctx.small_n} small files with boto3")
+            self.s3.seed_many(self.sys.bucket, [f"{SMALL_DIR}/f{i:05d}"
+                                                for i in range(self.ctx.small_n)], 4096)
+            self.have_small = True
+
+    def check_enc(self, what: str, key: str) -> None:
+        st = self.s3.encryption(self.sys.bucket, key)
+        self.m.enc[what] = st
+        if st != "sse-c":
+            log(f"  WARNING {self.sys.name}: {what} object {key} is {st}")
+
+    # -- workloads
+    def w_write(self) -> None:
+        ctx, b, size = self.ctx, self.sys.bucket, self.ctx.size
+        with self.cpu_of("write", size / GiB) as box:
+            t0 = time.monotonic()
+            if self.sys.is_mount:
+                self.sys.path("bench").mkdir(exist_ok=True)
+                # create_on_open: one open(O_CREAT) then the writes, as cp/dd do (without it
+                # fio creates the file empty, closes it and reopens it: s3fs then takes another
+                # upload path, one that does send SSE-C on its multipart parts)
+                fio(ctx, ["--name=write", "--rw=write", "--bs=1M", f"--size={size}",
+                          "--create_on_open=1", f"--filename={self.sys.path(BIG)}", *FIO_COMMON])
+                t_close = time.monotonic()
+                t_dur = self.s3.wait_until(b, BIG, lambda ls: ls.get(BIG) == size,
+                                           ctx.args.timeout)
+            else:
+                r = self.sys.worker("put_big", key=BIG, size=size)
+                box["cpu"] = r["cpu"]
+                t_close = t_dur = t0 + r["wall"]
+        self.have_big = True
+        self.m.values["write_close"] = size / MiB / (t_close - t0)
+        self.m.values["write_durable"] = size / MiB / (t_dur - t0)
+        self.check_enc("big file", BIG)
+
+    def w_read_cold(self) -> None:
+        self.ensure_big()
+        self.sys.cold()
+        self._seq_read("read_cold")
+
+    def w_read_warm(self) -> None:
+        self.ensure_big()
+        if not self.did_seq_read:
+            self._seq_read(None)
+        self._seq_read("read_warm")
+
+    def _seq_read(self, metric: str | None) -> None:
+        size = self.ctx.size
+        with self.cpu_of((metric or "_").replace("_", "-"), size / GiB) as box:
+            if self.sys.is_mount:
+                wall, _ = fio(self.ctx, ["--name=read", "--rw=read", "--bs=1M", f"--size={size}",
+                                         "--readonly", f"--filename={self.sys.path(BIG)}",
+                                         *FIO_COMMON])
+            else:
+                r = self.sys.worker("get_big", key=BIG, size=size)
+                box["cpu"], wall = r["cpu"], r["wall"]
+        self.did_seq_read = True
+        if metric:
+            self.m.values[metric] = size / MiB / wall
+
+    def w_rand_cold(self) -> None:
+        self.ensure_big()
+        self.sys.cold()
+        self._rand("rand_cold")
+
+    def w_rand_warm(self) -> None:
+        self.ensure_big()
+        if not self.did_rand:
+            self._rand(None)
+        self._rand("rand_warm")
+
+    def _rand(self, metric: str | None) -> None:
+        n, size = self.ctx.rand_n, self.ctx.size
+        with self.cpu_of((metric or "_").replace("_", "-"), None) as box:
+            if self.sys.is_mount:
+                wall, out = fio(self.ctx, [
+                    "--name=rand", "--rw=randread", "--bs=4k", f"--size={size}",
+                    f"--number_ios={n}", "--randrepeat=1", "--randseed=20261123",
+                    "--norandommap", "--readonly", f"--filename={self.sys.path(BIG)}",
+                    *FIO_COMMON])
+                ios = sum(j["read"].get("total_ios", 0) for j in out.get("jobs", [])) or n
+                self.m.extra[f"{metric or 'warmup'}_fio_iops"] = sum(j["read"]["iops"]
+                                                         for j in out.get("jobs", []))
+            else:
+                r = self.sys.worker("rand", key=BIG, size=size, n=n, seed=20261123)
+                box["cpu"], wall, ios = r["cpu"], r["wall"], n
+        self.did_rand = True
+        if metric:
+            self.m.values[metric] = ios / wall
+
+    def w_small(self) -> None:
+        ctx, b, n = self.ctx, self.sys.bucket, self.ctx.small_n
+        data = os.urandom(4096)
+        with self.cpu_of("small", None) as box:
+            t0 = time.monotonic()
+            if self.sys.is_mount:
+                d = self.sys.path(SMALL_DIR)
+                d.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    try:
+                        os.write(fd, data)
+                    finally:
+                        os.close(fd)
+                t_close = time.monotonic()
+                pre = SMALL_DIR + "/"
+                t_dur = self.s3.wait_until(
+                    b, pre, lambda ls: sum(1 for k, v in ls.items()
+                                           if v == 4096 and k != pre) >= n, ctx.args.timeout)
+            else:
+                r = self.sys.worker("put_small", prefix=SMALL_DIR + "/f", n=n)
+                box["cpu"] = r["cpu"]
+                t_close = t_dur = t0 + r["wall"]
+        self.have_small = True
+        self.m.values["small_close"] = t_close - t0
+        self.m.values["small_durable"] = t_dur - t0
+        self.check_enc("small file", f"{SMALL_DIR}/f{n - 1:05d}")
+
+    def w_ls(self) -> None:
+        self.ensure_small()
+        self.sys.cold()
+        with self.cpu_of("ls", None) as box:
+            if self.sys.is_mount:
+                t0 = time.monotonic()
+                p = subprocess.run(["ls", "-l", str(self.sys.path(SMALL_DIR))],
+                                   capture_output=True, text=True, timeout=ctx_timeout(self.ctx))
+                wall = time.monotonic() - t0
+                if p.returncode != 0:
+                    raise RuntimeError(f"ls -l failed: {p.stderr.strip()[:300]}")
+                got = sum(1 for ln in p.stdout.splitlines() if ln.startswith("-"))
+            else:
+                r = self.sys.worker("list", prefix=SMALL_DIR + "/")
+                box["cpu"], wall, got = r["cpu"], r["wall"], r["count"]
+        if got != self.ctx.small_n:
+            raise RuntimeError(f"ls -l showed {got} files, expected {self.ctx.small_n}")
+        self.m.values["ls_cold"] = wall
+
+    def w_rename(self) -> None:
+        ctx, b, size = self.ctx, self.sys.bucket, self.ctx.rename_size
+        log(f"  seeding {REN_SRC} ({fmt_size(size)}) with boto3")
+        self.s3.seed(b, REN_SRC, size)
+        self.sys.cold()
+        with self.cpu_of("rename", None) as box:
+            t0 = time.monotonic()
+            if self.sys.is_mount:
+                os.rename(self.sys.path(REN_SRC), self.sys.path(REN_DST))
+                t_ret = time.monotonic()
+                t_dur = self.s3.wait_until(
+                    b, "bench/ren/",
+                    lambda ls: ls.get(REN_DST) == size and REN_SRC not in ls, ctx.args.timeout)
+            else:
+                r = self.sys.worker("rename", src=REN_SRC, dst=REN_DST, size=size)
+                box["cpu"] = r["cpu"]
+                t_ret = t_dur = t0 + r["wall"]
+        self.m.values["rename_return"] = t_ret - t0
+        self.m.values["rename_durable"] = t_dur - t0
+        self.check_enc("renamed file", REN_DST)
+
+    def w_par_read(self) -> None:
+        ctx, n, size = self.ctx, self.ctx.par_n, self.ctx.par_size
+        keys = [f"{PAR_DIR}/r{i}.bin" for i in range(n)]
+        log(f"  seeding {n} x {fmt_size(size)} with boto3")
+        self.s3.seed_many(self.sys.bucket, keys, size)
+        self.sys.cold()
+        with self.cpu_of("par-read", n * size / GiB) as box:
+            if self.sys.is_mount:
+                job = "[global]\nrw=read\nbs=1M\nioengine=psync\nthread\n" \
+                      f"invalidate=0\nsize={size}\n"
+                for i, k in enumerate(keys):
+                    job += f"[r{i}]\nfilename={self.sys.path(k)}\n"
+                wall, _ = fio(ctx, ["--readonly"], jobfile=job)
+            else:
+                r = self.sys.worker("par_get", keys=keys, size=size)
+                box["cpu"], wall = r["cpu"], r["wall"]
+        self.m.values["par_read"] = n * size / MiB / wall
+
+
+def ctx_timeout(ctx: Ctx) -> float:
+    return ctx.args.timeout
+
+
+# --------------------------------------------------------------------------------- boto3 worker
+def boto3_worker() -> None:
+    """Subprocess: read a JSON spec on stdin, run one boto3 workload, print wall and CPU."""
+    import boto3
+    from botocore.config import Config
+
+    spec = json.loads(sys.stdin.read())
+    threads, part = spec["threads"], spec["part"]
+    c = boto3.client("s3", endpoint_url=spec["endpoint"], verify=spec["ca"],
+                     config=Config(max_pool_connections=threads + 8,
+                                   retries={"max_attempts": 5, "mode": "standard"},
+                                   s3={"addressing_style": "path"}))
+    sse = dict(SSECustomerAlgorithm="AES256", SSECustomerKey=base64.b64decode(spec["key_b64"]))
+    b, op = spec["bucket"], spec["op"]
+    meta = {"mode": str(0o100644), "uid": str(os.getuid()), "gid": str(os.getgid()),
+            "mtime": str(int(time.time()))}
+    buf = os.urandom(part)  # reused for every part / file, as fio reuses its buffer
+    out: dict = {}
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def drain(body) -> int:
+        n = 0
+        while chunk := body.read(MiB):
+            n += len(chunk)
+        return n
+
+    c0, t0 = cpu(), time.monotonic()
+    if op == "put_big":
+        size, key = spec["size"], spec["key"]
+        if size <= part:
+            c.put_object(Bucket=b, Key=key, Body=buf[:size], Metadata=meta, **sse)
+        else:
+            up = c.create_multipart_upload(Bucket=b, Key=key, Metadata=meta, **sse)
+
+            def put(i: int) -> dict:
+                ln = min(part, size - i * part)
+                r = c.upload_part(Bucket=b, Key=key, UploadId=up["UploadId"], PartNumber=i + 1,
+                                  Body=buf[:ln], **sse)
+                return {"PartNumber": i + 1, "ETag": r["ETag"]}
+
+            with cf.ThreadPoolExecutor(threads) as ex:
+                parts = list(ex.map(put, range((size + part - 1) // part)))
+            c.complete_multipart_upload(Bucket=b, Key=key, UploadId=up["UploadId"],
+                                        MultipartUpload={"Parts": parts})
+    elif op == "get_big":
+        size, key = spec["size"], spec["key"]
+
+        def get(off: int) -> int:
+            end = min(size, off + part) - 1
+            return drain(c.get_object(Bucket=b, Key=key, Range=f"bytes={off}-{end}",
+                                      **sse)["Body"])
+
+        with cf.ThreadPoolExecutor(threads) as ex:
+            got = sum(ex.map(get, range(0, size, part)))
+        assert got == size, (got, size)
+    elif op == "rand":
+        rnd = random.Random(spec["seed"])
+        blocks = spec["size"] // 4096
+        for _ in range(spec["n"]):
+            off = rnd.randrange(blocks) * 4096
+            r = c.get_object(Bucket=b, Key=spec["key"], Range=f"bytes={off}-{off + 4095}", **sse)
+            assert len(r["Body"].read()) == 4096
+    elif op == "put_small":
+        def put1(i: int) -> None:
+            c.put_object(Bucket=b, Key=f"{spec['prefix']}{i:05d}", Body=buf[:4096],
+                         Metadata=meta, **sse)
+
+        with cf.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(put1, range(spec["n"])))
+    elif op == "list":
+        n = 0
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=b, Prefix=spec["prefix"]):
+            n += len(page.get("Contents", []))
+        out["count"] = n
+    elif op == "rename":
+        # Ceph 16 answers CopyObject of an SSE-C source with 501: multipart UploadPartCopy
+        src, dst, size = spec["src"], spec["dst"], spec["size"]
+        csse = dict(CopySourceSSECustomerAlgorithm="AES256",
+                    CopySourceSSECustomerKey=sse["SSECustomerKey"])
+        up = c.create_multipart_upload(Bucket=b, Key=dst, Metadata=meta, **sse)
+        cpart = max(part, 16 * MiB)
+
+        def copy(i: int) -> dict:
+            off = i * cpart
+            r = c.upload_part_copy(Bucket=b, Key=dst, UploadId=up["UploadId"], PartNumber=i + 1,
+                                   CopySource={"Bucket": b, "Key": src},
+                                   CopySourceRange=f"bytes={off}-{min(size, off + cpart) - 1}",
+                                   **sse, **csse)
+            return {"PartNumber": i + 1, "ETag": r["CopyPartResult"]["ETag"]}
+
+        with cf.ThreadPoolExecutor(threads) as ex:
+            parts = list(ex.map(copy, range(max(1, (size + cpart - 1) // cpart))))
+        c.complete_multipart_upload(Bucket=b, Key=dst, UploadId=up["UploadId"],
+                                    MultipartUpload={"Parts": parts})
+        c.delete_object(Bucket=b, Key=src)
+    elif op == "par_get":
+        def getall(key: str) -> int:
+            return drain(c.get_object(Bucket=b, Key=key, **sse)["Body"])
+
+        with cf.ThreadPoolExecutor(len(spec["keys"])) as ex:
+            got = sum(ex.map(getall, spec["keys"]))
+        assert got == spec["size"] * len(spec["keys"])
+    else:
+        raise SystemExit(f"unknown op {op}")
+    out.update(wall=time.monotonic() - t0, cpu=cpu() - c0)
+    print(json.dumps(out))
+
+
+# --------------------------------------------------------------------------------- main loop
+def run_system(ctx: Ctx, cls, run: int, workloads: list[str]) -> Measure:
+    if cls.name not in ctx.systems:
+        ctx.systems[cls.name] = cls(ctx)
+    sysm: System = ctx.systems[cls.name]
+    m = Measure(sysm)
+    bucket = f"bench-{ctx.runid}-{sysm.name}-r{run}"
+    sysm.bucket = bucket
+    ctx.s3.create_bucket(bucket)
+    log(f"run {run} {sysm.name}: bucket {bucket}")
+    r = Runner(ctx, sysm, m)
+    try:
+        try:
+            sysm.mount()
+        except MountError as e:
+            m.errors.append(str(e))
+            log(f"  FAILED: {e}")
+            return m
+        for w in workloads:
+            if not sysm.alive():
+                m.errors.append(f"{w}: mount is gone (log {sysm.logf}):\n{tail(sysm.logf)}")
+                log(f"  {w}: mount is gone, skipping the rest")
+                break
+            t = time.monotonic()
+            before = set(m.values)
+            try:
+                getattr(r, "w_" + w.replace("-", "_"))()
+                shown = {k: round(v, 2) for k, v in m.values.items() if k not in before}
+                log(f"  {w} done in {time.monotonic() - t:.1f} s  {shown}")
+            except MountError as e:
+                m.errors.append(f"{w}: {e}")
+                log(f"  {w}: remount FAILED: {e}")
+                break
+            except Exception as e:
+                why = f"{w}: {type(e).__name__}: {e}"
+                if sysm.is_mount:
+                    why += f"\n  last lines of {sysm.logf}:\n{tail(sysm.logf, 4)}"
+                m.errors.append(why)
+                log(f"  ERROR {why}")
+                if ctx.args.verbose:
+                    traceback.print_exc()
+    finally:
+        sysm.unmount()
+        if not ctx.args.keep:
+            ctx.s3.delete_bucket(bucket)
+    return m
+
+
+def summarize(ctx: Ctx, names: list[str], per: dict[str, list[Measure]]) -> dict:
+    res: dict = {"systems": {}}
+    for name in names:
+        ms = per[name]
+        d: dict = {"metrics": {}, "cpu": {}, "encryption": {}, "errors": [], "runs": len(ms)}
+        for met in metrics(ctx):
+            vals = [m.values[met.key] for m in ms if met.key in m.values]
+            if vals:
+                d["metrics"][met.key] = {"unit": met.unit, "values": vals,
+                                         "median": statistics.median(vals),
+                                         "min": min(vals), "max": max(vals)}
+        wls = sorted({w for m in ms for w in m.cpu if not w.startswith("_")},
+                     key=lambda w: WORKLOADS.index(w) if w in WORKLOADS else 99)
+        for w in wls:
+            vals = []
+            unit = "s"
+            for m in ms:
+                if w in m.cpu:
+                    c, gib = m.cpu[w]
+                    vals.append(c / gib if gib else c)
+                    unit = "s/GiB" if gib else "s"
+            d["cpu"][w] = {"unit": unit, "values": vals, "median": statistics.median(vals),
+                           "min": min(vals), "max": max(vals)}
+        for m in ms:
+            for what, st in m.enc.items():
+                prev = d["encryption"].get(what)
+                if prev is None or (st != "sse-c" and prev == "sse-c"):
+                    d["encryption"][what] = st
+        for i, m in enumerate(ms):
+            d["errors"].extend(f"run {i + 1}: {e}" for e in m.errors)
+        d["extra"] = [m.extra for m in ms]
+        res["systems"][name] = d
+    base = ctx.args.ratio_base
+    res["ratio_base"] = base
+    res["ratios"] = {}
+    if base in res["systems"]:
+        bm = res["systems"][base]["metrics"]
+        hb = {m.key: m.higher_better for m in metrics(ctx)}
+        for name in names:
+            if name == base:
+                continue
+            om = res["systems"][name]["metrics"]
+            rr = {}
+            for k in bm:
+                if k in om and om[k]["median"] > 0 and bm[k]["median"] > 0:
+                    a, o = bm[k]["median"], om[k]["median"]
+                    rr[k] = a / o if hb[k] else o / a
+            res["ratios"][name] = rr
+    return res
+
+
+def fmt_val(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def cell(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if len(d["values"]) == 1:
+        return fmt_val(d["median"])
+    return f"{fmt_val(d['median'])} ({fmt_val(d['min'])}-{fmt_val(d['max'])})"
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    w = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i])  # noqa: E731
+                               for i, c in enumerate(r))
+    print(line(header))
+    print("  ".join("-" * x for x in w))
+    for r in rows:
+        print(line(r))
+
+
+def report(ctx: Ctx, names: list[str], res: dict) -> None:
+    S = res["systems"]
+    print()
+    print(f"s3ssefs benchmark  {res['meta']['date']}  RGW {ctx.endpoint}  runs={ctx.args.runs}  "
+          "cells: median (min-max)")
+    rows = []
+    for met in metrics(ctx):
+        if not any(met.key in S[n]["metrics"] for n in names):
+            continue
+        rows.append([met.label, met.unit + ("" if met.higher_better else " (lower=better)"),
+                     *[cell(S[n]["metrics"].get(met.key)) for n in names]])
+    enc_row = ["SSE-C at rest (keyless GET fails)", ""]
+    for n in names:
+        bad = [f"{w}" for w, st in S[n]["encryption"].items() if st != "sse-c"]
+        enc_row.append("stored plaintext! (" + ",".join(bad) + ")" if bad else
+                       ("ok" if S[n]["encryption"] else "-"))
+    rows.append(enc_row)
+    print_table(rows, ["workload", "unit", *names])
+
+    print()
+    print("client CPU of each system (mount process tree from /proc; boto3: worker rusage)")
+    cpu_rows = []
+    for w in WORKLOADS:
+        if not any(w in S[n]["cpu"] for n in names):
+            continue
+        unit = next(S[n]["cpu"][w]["unit"] for n in names if w in S[n]["cpu"])
+        cpu_rows.append([w, "CPU " + unit, *[cell(S[n]["cpu"].get(w)) for n in names]])
+    if cpu_rows:
+        print_table(cpu_rows, ["workload", "unit", *names])
+
+    base = res["ratio_base"]
+    others = [n for n in names if n != base]
+    if base in S and others and any(res["ratios"].get(n) for n in others):
+        print()
+        print(f"ratio {base} / system, on medians (>1: {base} faster; times are inverted)")
+        rr = []
+        for met in metrics(ctx):
+            if met.key not in S[base]["metrics"]:
+                continue
+            rr.append([met.label, "x", *[f"{res['ratios'][n][met.key]:.2f}"
+                                         if met.key in res["ratios"].get(n, {}) else "-"
+                                         for n in others]])
+        print_table(rr, ["workload", "", *others])
+    elif base in S:
+        print(f"\n(no ratios: {base} produced no figures)")
+
+    errs = [(n, e) for n in names for e in S[n]["errors"]]
+    if errs:
+        print()
+        print("errors:")
+        for n, e in errs:
+            first, *rest = e.splitlines()
+            print(f"  {n}: {first}")
+            for ln in rest[-8:]:
+                print(f"      {ln}")
+    if getattr(ctx.args, "_warn_dropcache", False):
+        print("\nWARNING: could not write /proc/sys/vm/drop_caches (not root?): page cache "
+              "was not dropped for cold runs")
+
+
+def versions(ctx: Ctx) -> dict[str, str]:
+    out = {}
+    for name, cmd in (("s3fs", ["s3fs", "--version"]), ("rclone", ["rclone", "version"]),
+                      ("fio", ["fio", "--version"])):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            out[name] = (p.stdout or p.stderr).splitlines()[0].strip()
+        except Exception as e:
+            out[name] = f"? ({e})"
+    import boto3
+    out["boto3"] = boto3.__version__
+    out["python"] = sys.version.split()[0]
+    with contextlib.suppress(Exception):
+        out["s3ssefs_git"] = subprocess.run(["git", "-C", str(REPO), "describe", "--always",
+                                             "--dirty"], capture_output=True, text=True,
+                                            timeout=10).stdout.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and "--boto3-worker" in sys.argv[1:]:
+        boto3_worker()
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", default=DEFAULT_SYSTEMS,
+                    help=f"comma list of {', '.join(SYSTEMS)} (default {DEFAULT_SYSTEMS})")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
+    ap.add_argument("--size", default="1G", help="big file size (default 1G)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per system, interleaved")
+    ap.add_argument("--json", metavar="FILE", help="write results as JSON here")
+    ap.add_argument("--par-size", help="size of each parallel-reader file (default size/8)")
+    ap.add_argument("--par-n", type=int, default=8, help="parallel readers (default 8)")
+    ap.add_argument("--rename-size", help="size of the renamed file (default size*100/1024)")
+    ap.add_argument("--small-n", type=int, default=1000, help="small files (default 1000)")
+    ap.add_argument("--rand-n", type=int, default=2000, help="random 4K reads (default 2000)")
+    ap.add_argument("--boto3-threads", type=int, default=16)
+    ap.add_argument("--boto3-part", default="8M", help="boto3 part / range size (default 8M)")
+    ap.add_argument("--rclone-write-back", default="5s",
+                    help="rclone --vfs-write-back (default 5s, rclone's own default)")
+    ap.add_argument("--s3ssefs-opt", action="append", default=[], metavar="ARG",
+                    help="extra argument for s3ssefs mount (repeatable)")
+    ap.add_argument("--s3fs-opt", action="append", default=[], metavar="OPT",
+                    help="extra s3fs -o option (repeatable)")
+    ap.add_argument("--rclone-opt", action="append", default=[], metavar="ARG",
+                    help="extra rclone mount argument (repeatable)")
+    ap.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"),
+                    help="interpreter for s3ssefs (default .venv/bin/python)")
+    ap.add_argument("--ratio-base", default="s3ssefs",
+                    help="system the ratios are computed for (default s3ssefs)")
+    ap.add_argument("--rgw-dir", help="state dir of tests/rgw-up.sh (default its own)")
+    ap.add_argument("--workdir", help="parent of the temp dir (mount points, caches, logs)")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="per-step limit in seconds (fio, durability wait)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep buckets and the temp dir (keys, configs, logs) for debugging")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    args.boto3_part = parse_size(args.boto3_part)
+
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for n in names:
+        if n not in SYSTEMS:
+            ap.error(f"unknown system {n!r}; known: {', '.join(SYSTEMS)}")
+    for w in workloads:
+        if w not in WORKLOADS:
+            ap.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+    workloads = [w for w in WORKLOADS if w in workloads]  # dependency order
+    if os.geteuid() != 0:
+        log("WARNING: not root: FUSE mounts may work, drop_caches will not")
+    for tool in ("fio", "fusermount3") + (("s3fs",) if any(n.startswith("s3fs") for n in names)
+                                          else ()) + (("rclone",) if any(
+                                              n.startswith("rclone") for n in names) else ()):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found (Debian: apt-get install {tool.replace('3', '')})")
+
+    rgw = load_rgw_env(args.rgw_dir)
+    env = dict(os.environ)
+    env.update(rgw)
+    os.environ.update(rgw)  # our own boto3 (checksum settings for Ceph 16, CA, credentials)
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="s3ssefs-bench-", dir=args.workdir))
+    os.chmod(work, 0o700)
+    ctx = Ctx(args=args, env=env, endpoint=rgw["S3_ENDPOINT"], ca=rgw["AWS_CA_BUNDLE"],
+              key=os.urandom(32), work=work, runid=os.urandom(3).hex(), size=size,
+              par_size=parse_size(args.par_size) if args.par_size else max(MiB, size // 8),
+              par_n=args.par_n,
+              rename_size=(parse_size(args.rename_size) if args.rename_size
+                           else max(MiB, size * 100 // 1024 // MiB * MiB)),
+              small_n=args.small_n, rand_n=args.rand_n)
+    ctx.s3 = S3(ctx)
+    log(f"workdir {work}  runid {ctx.runid}  systems {names}  workloads {workloads}")
+    log(f"sizes: big {fmt_size(size)}, par {ctx.par_n} x {fmt_size(ctx.par_size)}, "
+        f"rename {fmt_size(ctx.rename_size)}, {ctx.small_n} small, {ctx.rand_n} rand")
+
+    def on_signal(sig, frame):
+        raise KeyboardInterrupt(f"signal {sig}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    per: dict[str, list[Measure]] = {n: [] for n in names}
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    interrupted = False
+    try:
+        for run in range(1, args.runs + 1):
+            order = names[(run - 1) % len(names):] + names[:(run - 1) % len(names)]
+            for n in order:
+                per[n].append(run_system(ctx, SYSTEMS[n], run, workloads))
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up, reporting what was measured")
+    finally:
+        PROCS.cleanup()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"kept {work} and the buckets bench-{ctx.runid}-*")
+
+    res = summarize(ctx, names, per)
+    res["meta"] = {"date": started, "endpoint": ctx.endpoint, "runs": args.runs,
+                   "interrupted": interrupted, "systems": names, "workloads": workloads,
+                   "sizes": {"big": size, "par_size": ctx.par_size, "par_n": ctx.par_n,
+                             "rename": ctx.rename_size, "small_n": ctx.small_n,
+                             "rand_n": ctx.rand_n},
+                   "options": {"rclone_write_back": args.rclone_write_back,
+                               "boto3_threads": args.boto3_threads,
+                               "boto3_part": args.boto3_part, "s3ssefs_opt": args.s3ssefs_opt,
+                               "s3fs_opt": args.s3fs_opt, "rclone_opt": args.rclone_opt},
+                   "versions": versions(ctx), "cpus": os.cpu_count(),
+                   "metrics": {m.key: {"label": m.label, "unit": m.unit,
+                                       "higher_better": m.higher_better} for m in metrics(ctx)}}
+    report(ctx, names, res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Layer 1 units: the local cipher, the block cache and the write spill (no S3, no FUSE).
+
+What a user cares about here: data comes back exactly as stored, never wrong; nothing readable
+lands on local disk; the cache stays within its size and never fails a read because the disk
+is full; the files go away when the mount does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from s3ssefs import cache as cache_mod
+from s3ssefs import spill as spill_mod
+from s3ssefs.cache import BlockCache
+from s3ssefs.crypto import OVERHEAD, CorruptBlock, LocalCipher
+from s3ssefs.spill import Spill
+
+MARKER = b"PLAINTEXT-MARKER-4f1c" * 200
+OBJECT_NAME = "photos/secret-object-name-7d2a.jpg"
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()]
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in files_under(path))
+
+
+def make_cache(tmp_path: Path, max_bytes: int = 1 << 20) -> BlockCache:
+    return BlockCache(tmp_path / "cache", max_bytes, LocalCipher())
+
+
+def disk_full(real: Callable[..., int], times: int) -> Callable[..., int]:
+    """A stand-in for os.write/os.pwrite that fails ``times`` times with ENOSPC, then works."""
+    left = [times]
+
+    def fake(*args: object) -> int:
+        if left[0] > 0:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    return fake
+
+
+# --- LocalCipher -----------------------------------------------------------------------------
+
+
+def test_cipher_round_trip_and_authentication() -> None:
+    c = LocalCipher()
+    blob = c.seal(memoryview(bytearray(b"hello")), b"aad")
+    assert len(blob) == 5 + OVERHEAD
+    assert c.open(blob, b"aad") == b"hello"
+    assert c.open(memoryview(blob), b"aad") == b"hello"
+    with pytest.raises(CorruptBlock):
+        c.open(blob, b"other aad")
+    with pytest.raises(CorruptBlock):
+        c.open(blob[:-1] + bytes([blob[-1] ^ 1]), b"aad")
+    with pytest.raises(CorruptBlock):
+        c.open(blob[:10], b"aad")
+    with pytest.raises(CorruptBlock):
+        LocalCipher().open(blob, b"aad")  # another mount's key
+
+
+def test_cipher_names_are_stable_per_mount_and_opaque() -> None:
+    c = LocalCipher()
+    name = c.name_for(OBJECT_NAME, "3")
+    assert name == c.name_for(OBJECT_NAME, b"3")
+    assert len(name) == 64 and "secret" not in name
+    assert name != c.name_for(OBJECT_NAME, "4")
+    assert c.name_for("ab", "c") != c.name_for("a", "bc")
+    assert name != LocalCipher().name_for(OBJECT_NAME, "3")
+
+
+# --- BlockCache ------------------------------------------------------------------------------
+
+
+def test_cache_round_trip_and_stats(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    assert cache.get("obj", 0) is None
+    cache.put("obj", 0, b"block zero")
+    cache.put("obj", 1, b"")
+    cache.put("obj", 0, b"block zero again")  # replacing is fine
+    assert cache.get("obj", 0) == b"block zero again"
+    assert cache.get("obj", 1) == b""
+    assert cache.get("other", 0) is None
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert cache.bytes_used == disk_bytes(tmp_path) == 16 + 0 + 2 * OVERHEAD
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+
+
+def test_no_plaintext_or_object_names_on_disk(tmp_path: Path) -> None:
+    cipher = LocalCipher()
+    cache = BlockCache(tmp_path / "cache", 1 << 20, cipher)
+    spill = Spill(tmp_path / "cache", cipher, block_size=8192)
+    cache.put(OBJECT_NAME, 0, MARKER)
+    spill.write_block(0, MARKER[:8192])
+    spill.write_block(7, MARKER[:100])
+    assert cache.get(OBJECT_NAME, 0) == MARKER
+    files = files_under(tmp_path)
+    assert len(files) == 2
+    for f in files:
+        raw = f.read_bytes()
+        assert b"PLAINTEXT-MARKER" not in raw
+        assert b"secret-object-name" not in raw
+        assert "secret" not in f.name and "photos" not in f.name
+
+
+def test_lru_evicts_least_recently_used_and_stays_within_size(tmp_path: Path) -> None:
+    block = 1000
+    cache = make_cache(tmp_path, max_bytes=3 * (block + OVERHEAD))
+    for n in range(3):
+        cache.put("obj", n, bytes([n]) * block)
+    assert cache.get("obj", 0) is not None  # 0 is now the most recently used; 1 the least
+    cache.put("obj", 3, b"\3" * block)
+    assert cache.get("obj", 1) is None
+    assert [cache.get("obj", n) for n in (0, 2, 3)] == [bytes([n]) * block for n in (0, 2, 3)]
+    assert cache.bytes_used == disk_bytes(tmp_path) <= cache.max_bytes
+
+    rng = random.Random(1)
+    for i in range(200):
+        cache.put(f"o{i % 7}", i % 5, os.urandom(rng.randrange(0, 2 * block)))
+        assert cache.bytes_used == disk_bytes(tmp_path) <= cache.max_bytes
+
+
+def test_block_larger_than_cache_is_not_stored(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, max_bytes=100)
+    cache.put("obj", 0, b"x" * 50)
+    cache.put("obj", 1, b"y" * 100)
+    assert cache.get("obj", 0) == b"x" * 50
+    assert cache.get("obj", 1) is None
+
+
+def test_invalidate_drops_only_that_object(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    for n in range(3):
+        cache.put("old-version", n, b"old")
+        cache.put("neighbour", n, b"keep")
+    cache.invalidate("old-version")
+    assert all(cache.get("old-version", n) is None for n in range(3))
+    assert all(cache.get("neighbour", n) == b"keep" for n in range(3))
+    assert len(files_under(tmp_path)) == 3
+    assert cache.bytes_used == disk_bytes(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_cache_file_is_a_miss_not_wrong_data(tmp_path: Path, damage: str) -> None:
+    cache = make_cache(tmp_path)
+    cache.put("obj", 0, b"good data" * 100)
+    (f,) = files_under(tmp_path)
+    raw = bytearray(f.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+        f.write_bytes(raw)
+    elif damage == "truncate":
+        f.write_bytes(raw[:20])
+    else:
+        f.unlink()
+    assert cache.get("obj", 0) is None
+    assert files_under(tmp_path) == []
+    assert cache.bytes_used == 0
+    cache.put("obj", 0, b"fresh")  # the entry works again afterwards
+    assert cache.get("obj", 0) == b"fresh"
+
+
+def test_swapped_cache_file_is_a_miss(tmp_path: Path) -> None:
+    cipher = LocalCipher()
+    cache = BlockCache(tmp_path, 1 << 20, cipher)
+    cache.put("obj", 0, b"block 0")
+    cache.put("obj", 1, b"block 1")
+    src, dst = (tmp_path / cipher.name_for("obj", str(n)) for n in (0, 1))
+    dst.write_bytes(src.read_bytes())
+    assert cache.get("obj", 1) is None
+    assert cache.get("obj", 0) == b"block 0"
+
+
+def test_leftovers_of_earlier_mounts_are_removed_other_files_kept(tmp_path: Path) -> None:
+    (tmp_path / ("ab" * 32)).write_bytes(b"old sealed block")
+    (tmp_path / ("cd" * 32 + ".0123abcd.tmp")).write_bytes(b"half a block")
+    (tmp_path / "notes.txt").write_bytes(b"not ours")
+    BlockCache(tmp_path, 1 << 20, LocalCipher())
+    assert [p.name for p in files_under(tmp_path)] == ["notes.txt"]
+
+
+def test_clear_and_close_delete_the_files(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    cache.put("a", 0, b"x")
+    cache.clear()
+    assert files_under(tmp_path) == [] and cache.bytes_used == 0
+    cache.put("a", 0, b"x")
+    cache.put("b", 5, b"y")
+    cache.close()
+    assert files_under(tmp_path) == []
+    cache.put("a", 1, b"after close")
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.allow_warnings
+def test_full_disk_drops_the_block_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make_cache(tmp_path)
+    monkeypatch.setattr(cache_mod.os, "write", disk_full(os.write, times=10**9))
+    with caplog.at_level(logging.WARNING, logger="s3ssefs.cache"):
+        cache.put("obj", 0, b"data")
+        cache.put("obj", 1, b"data")
+    monkeypatch.undo()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert cache.get("obj", 0) is None and cache.get("obj", 1) is None
+    assert files_under(tmp_path) == [] and cache.bytes_used == 0
+    cache.put("obj", 0, b"data")  # space is back
+    assert cache.get("obj", 0) == b"data"
+
+
+def test_full_disk_evicts_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make_cache(tmp_path)
+    cache.put("obj", 0, b"oldest" * 100)
+    cache.put("obj", 1, b"newer" * 100)
+    monkeypatch.setattr(cache_mod.os, "write", disk_full(os.write, times=1))
+    cache.put("obj", 2, b"new" * 100)
+    monkeypatch.undo()
+    assert cache.get("obj", 2) == b"new" * 100
+    assert cache.get("obj", 0) is None  # made room
+    assert cache.get("obj", 1) == b"newer" * 100
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert cache.bytes_used == disk_bytes(tmp_path)
+
+
+def test_concurrent_put_get_invalidate_stays_consistent(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, max_bytes=20_000)
+
+    def data_for(obj: str, n: int) -> bytes:
+        return f"{obj}/{n};".encode() * (50 + 40 * n)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(300):
+            obj, n = f"o{rng.randrange(4)}", rng.randrange(6)
+            action = rng.random()
+            if action < 0.45:
+                cache.put(obj, n, data_for(obj, n))
+            elif action < 0.95:
+                assert cache.get(obj, n) in (None, data_for(obj, n))
+            else:
+                cache.invalidate(obj)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    assert cache.bytes_used == disk_bytes(tmp_path) <= cache.max_bytes
+    assert not [p for p in files_under(tmp_path) if p.name.endswith(".tmp")]
+    cache.close()
+    assert files_under(tmp_path) == []
+
+
+# --- Spill -----------------------------------------------------------------------------------
+
+
+def test_spill_blocks_rewrite_holes_and_drop(tmp_path: Path) -> None:
+    spill = Spill(tmp_path, LocalCipher(), block_size=4096)
+    full = os.urandom(4096)
+    spill.write_block(0, full)
+    spill.write_block(2, bytearray(b"two" * 1000))
+    spill.write_block(5, memoryview(b"five"))
+    spill.write_block(2, b"short")  # rewriting with less data leaves nothing of the old
+    spill.write_block(3, b"")
+    assert spill.read_block(0) == full
+    assert spill.read_block(2) == b"short"
+    assert spill.read_block(3) == b"" and spill.has_block(3)
+    assert spill.read_block(5) == b"five"
+    assert spill.read_block(1) is None and not spill.has_block(1)
+    assert spill.read_block(99) is None
+    assert spill.block_numbers() == [0, 2, 3, 5]
+
+    spill.drop_from(2)
+    assert spill.block_numbers() == [0]
+    assert spill.read_block(2) is None and spill.read_block(5) is None
+    assert spill.read_block(0) == full
+    assert spill.path.stat().st_size <= 2 * (4096 + 64)  # blocks 2.. gave their space back
+    spill.write_block(5, b"again")
+    assert spill.read_block(5) == b"again"
+    with pytest.raises(ValueError):
+        spill.write_block(1, b"x" * 4097)
+
+
+def test_spill_file_is_private_and_sparse(tmp_path: Path) -> None:
+    spill = Spill(tmp_path, LocalCipher(), block_size=1 << 16)
+    spill.write_block(1000, b"far away")
+    st = spill.path.stat()
+    assert st.st_mode & 0o777 == 0o600
+    assert st.st_size > 1000 * (1 << 16)
+    assert st.st_blocks * 512 < 1 << 20
+    assert spill.read_block(1000) == b"far away"
+
+
+def test_spill_tampered_or_foreign_block_raises(tmp_path: Path) -> None:
+    cipher = LocalCipher()
+    a, b = Spill(tmp_path, cipher, 1024), Spill(tmp_path, cipher, 1024)
+    a.write_block(0, b"A" * 100)
+    b.write_block(0, b"B" * 100)
+    b.path.write_bytes(a.path.read_bytes())  # same inode: b's fd sees a's slot
+    with pytest.raises(CorruptBlock):
+        b.read_block(0)
+    raw = bytearray(a.path.read_bytes())
+    raw[50] ^= 0x40
+    a.path.write_bytes(raw)
+    with pytest.raises(CorruptBlock):
+        a.read_block(0)
+
+
+def test_spill_close_deletes_file_and_is_idempotent(tmp_path: Path) -> None:
+    spills = [Spill(tmp_path, LocalCipher(), 512) for _ in range(3)]
+    assert len({s.path for s in spills}) == 3
+    for s in spills:
+        s.write_block(0, b"data")
+        s.close()
+        s.close()
+    assert files_under(tmp_path) == []
+
+
+def test_spill_disk_full_raises_enospc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spill = Spill(tmp_path, LocalCipher(), 512)
+    monkeypatch.setattr(spill_mod.os, "pwrite", disk_full(os.pwrite, times=1))
+    with pytest.raises(OSError) as info:
+        spill.write_block(3, b"data")
+    assert info.value.errno == errno.ENOSPC
+    assert not spill.has_block(3)
+    spill.write_block(3, b"data")
+    assert spill.read_block(3) == b"data"
+
+
+def test_spill_concurrent_writes_to_different_blocks(tmp_path: Path) -> None:
+    spill = Spill(tmp_path, LocalCipher(), block_size=2048)
+
+    def worker(t: int) -> None:
+        for rnd in range(20):
+            for n in range(t, 64, 8):
+                spill.write_block(n, f"{n}:{rnd};".encode() * (n + 1) * 3)
+                assert spill.read_block(n) == f"{n}:{rnd};".encode() * (n + 1) * 3
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    assert spill.block_numbers() == list(range(64))
+    assert all(spill.read_block(n) == f"{n}:19;".encode() * (n + 1) * 3 for n in range(64))
