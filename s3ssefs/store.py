@@ -234,6 +234,11 @@ class ObjectStore:
             return None
         return resp.get("ServerSideEncryptionConfiguration")
 
+    async def versioning_enabled(self) -> bool:
+        r = await self._call("get_bucket_versioning", f"bucket {self.bucket}",
+                             self.client.get_bucket_versioning, Bucket=self.bucket)
+        return r.get("Status") == "Enabled"
+
     # ------------------------------------------------------------------ reads
     async def head(self, key: str, sse_key: Key | None, version_id: str | None = None,
                    ) -> ObjectInfo:
@@ -509,7 +514,10 @@ class ObjectStore:
         try:
             self._check_echo(r, dst_sse, what)
         except FsError:
-            await self._delete_quietly(dst, r.get("VersionId"))
+            # a plaintext copy must not stay; but an in-place copy on an unversioned bucket
+            # *is* the only copy of the data: leave it (it was plain before) for the fallback
+            if src != dst or r.get("VersionId"):
+                await self._delete_quietly(dst, r.get("VersionId"))
             raise
         if src_sse is not None or dst_sse is not None:
             self.caps.copy_object_sse_c = True

@@ -1,0 +1,10 @@
+# The two commands of README: `make demo` and `make test` (each does its own set-up).
+.PHONY: demo test bench lint
+demo:
+	bash tests/demo.sh
+test:
+	bash tests/run.sh
+bench:
+	bash tests/setup.sh && bash tests/rgw-up.sh >/dev/null && .venv/bin/python tests/bench/bench.py
+lint:
+	.venv/bin/ruff check s3ssefs tests

@@ -1,0 +1,695 @@
+"""Layer 4: POSIX behaviour of the real mounted daemon, driven as a legacy program drives it.
+
+Every test mounts a fresh bucket with the real ``s3ssefs`` daemon (background mode) and uses
+ordinary file calls and real commands (sqlite, tar, cp, rsync, dd, ls) on it, then checks what
+a user would see: the same bytes after a remount, modes and times kept, the errors POSIX
+promises, and, through boto3, that every object that reached the bucket is unreadable without
+the key and carries the metadata s3fs-fuse writes (DESIGN §4–§6).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import random
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from s3ssefs.keys import Key
+
+MiB = 1 << 20
+BS = MiB  # default block size
+PS = 16 * MiB  # default part size and multipart threshold
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """``n`` reproducible, incompressible-enough bytes (cheaper than urandom for big files)."""
+    return random.Random(seed).randbytes(n)
+
+
+def sse(key: Key) -> dict[str, Any]:
+    return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key.raw}
+
+
+def assert_sealed(s3: Any, bucket: str, s3key: str, key: Key, body: bytes | None) -> None:
+    """The object cannot be read without the key; with it, its bytes are ``body``."""
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=bucket, Key=s3key)
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=bucket, Key=s3key)
+    got = s3.get_object(Bucket=bucket, Key=s3key, **sse(key))
+    data = got["Body"].read()
+    assert got["SSECustomerAlgorithm"] == "AES256"
+    if body is not None:
+        assert len(data) == len(body) and sha(data) == sha(body), s3key
+
+
+def s3meta(s3: Any, bucket: str, s3key: str, key: Key) -> dict[str, str]:
+    return s3.head_object(Bucket=bucket, Key=s3key, **sse(key))["Metadata"]
+
+
+def all_keys(s3: Any, bucket: str) -> set[str]:
+    out: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out.update(o["Key"] for o in page.get("Contents", []))
+    return out
+
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_big(path: Path, total: int, seed: int = 0, chunk: int = 4 * MiB) -> str:
+    """Write ``total`` pseudo-random bytes in ``chunk`` pieces; their sha256."""
+    h = hashlib.sha256()
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        left = total
+        while left:
+            buf = rnd.randbytes(min(chunk, left))
+            f.write(buf)
+            h.update(buf)
+            left -= len(buf)
+    return h.hexdigest()
+
+
+def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
+                       timeout=300)
+    assert r.returncode == 0, f"{argv[0]} failed ({r.returncode}): {r.stderr.strip()}"
+    return r
+
+
+def stats(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Relative path → (st_mode, int(st_mtime), st_size) of everything below ``root``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+            out[str(p.relative_to(root))] = (st.st_mode, int(st.st_mtime), size)
+    return out
+
+
+def scan_for(root: Path, needle: bytes) -> list[str]:
+    """Files below ``root`` whose raw bytes contain ``needle``."""
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            if needle in p.read_bytes():
+                hits.append(str(p))
+    return hits
+
+
+# --- data round trips ------------------------------------------------------------------------
+
+SIZES = [0, 1, BS - 1, BS, BS + 1, PS - 1, PS, PS + 1]
+
+
+def test_round_trip_block_and_part_boundaries(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """Files of 0, 1 byte and one byte either side of the block and part sizes read back
+    unchanged, before and after a remount, and S3 holds exactly those bytes, sealed."""
+    want = {}
+    for i, n in enumerate(SIZES):
+        data = pattern(n, seed=i)
+        write_file(mnt.path / f"f{n}", data)
+        want[f"f{n}"] = data
+        assert (mnt.path / f"f{n}").stat().st_size == n
+        assert (mnt.path / f"f{n}").read_bytes() == data
+    mnt.remount()
+    for name, data in want.items():
+        assert (mnt.path / name).stat().st_size == len(data)
+        assert sha_file(mnt.path / name) == sha(data), name
+        assert_sealed(s3, bucket, name, key, data)
+
+
+def test_round_trip_300mib_survives_remount(mnt: Any, tmp_path: Path) -> None:
+    """A 300 MiB file (a streamed multipart upload) has the same sha256 read back at once and
+    after a remount (read through S3, not the writer's spill)."""
+    f = mnt.path / "big.bin"
+    digest = write_big(f, 300 * MiB, seed=300)
+    assert f.stat().st_size == 300 * MiB
+    assert sha_file(f) == digest
+    mnt.remount()
+    assert f.stat().st_size == 300 * MiB
+    assert sha_file(f) == digest
+    f.unlink()
+    assert not f.exists()
+
+
+# --- everything that reaches the bucket is sealed with the key --------------------------------
+
+
+def test_every_write_path_leaves_sealed_objects(mnt: Any, s3: Any, bucket: str,
+                                                key: Key) -> None:
+    """Single PUT, streamed multipart, chmod's server-side copy, rename's copy, directory
+    markers and symlinks: none of them leaves an object readable without the key."""
+    small = pattern(1000, 1)
+    write_file(mnt.path / "small.txt", small)
+    assert_sealed(s3, bucket, "small.txt", key, small)
+
+    big = pattern(PS + 3 * MiB, 2)  # > multipart threshold
+    write_file(mnt.path / "multi.bin", big)
+    assert_sealed(s3, bucket, "multi.bin", key, big)
+
+    medium = pattern(3 * MiB + 5, 3)  # > 1 MiB: chmod copies server-side
+    write_file(mnt.path / "medium.bin", medium)
+    etag = s3.head_object(Bucket=bucket, Key="medium.bin", **sse(key))["ETag"]
+    os.chmod(mnt.path / "medium.bin", 0o600)
+    head = s3.head_object(Bucket=bucket, Key="medium.bin", **sse(key))
+    assert head["ETag"] != etag  # the object was rewritten…
+    assert int(head["Metadata"]["mode"]) == stat.S_IFREG | 0o600
+    assert_sealed(s3, bucket, "medium.bin", key, medium)  # …still sealed, same bytes
+
+    os.chmod(mnt.path / "small.txt", 0o640)  # small: re-PUT of the bytes
+    assert_sealed(s3, bucket, "small.txt", key, small)
+
+    os.rename(mnt.path / "medium.bin", mnt.path / "renamed.bin")
+    os.rename(mnt.path / "small.txt", mnt.path / "renamed.txt")
+    os.rename(mnt.path / "multi.bin", mnt.path / "renamed-multi.bin")
+    assert_sealed(s3, bucket, "renamed.bin", key, medium)
+    assert_sealed(s3, bucket, "renamed.txt", key, small)
+    assert_sealed(s3, bucket, "renamed-multi.bin", key, big)
+
+    os.mkdir(mnt.path / "d")
+    assert_sealed(s3, bucket, "d/", key, b"")
+    os.chmod(mnt.path / "d", 0o750)
+    assert_sealed(s3, bucket, "d/", key, b"")
+    os.symlink("renamed.txt", mnt.path / "link")
+    assert_sealed(s3, bucket, "link", key, b"renamed.txt")
+
+    assert all_keys(s3, bucket) == {"renamed.bin", "renamed.txt", "renamed-multi.bin", "d/",
+                                    "link"}
+    for name in ("renamed.bin", "renamed.txt", "renamed-multi.bin"):
+        os.unlink(mnt.path / name)
+
+
+# --- legacy programs -------------------------------------------------------------------------
+
+
+def test_sqlite_database(mnt: Any) -> None:
+    """sqlite creates, fills (several transactions, thousands of rows) and checks a database
+    on the mount; it is still intact and complete after a remount."""
+    db = mnt.path / "app.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, blob BLOB)")
+    con.execute("CREATE INDEX t_name ON t (name)")
+    rnd = random.Random(7)
+    for tx in range(5):
+        with con:
+            con.executemany("INSERT INTO t (name, blob) VALUES (?, ?)",
+                            [(f"row-{tx}-{i}", rnd.randbytes(rnd.randrange(10, 400)))
+                             for i in range(1000)])
+    with con:
+        con.execute("DELETE FROM t WHERE id % 7 = 0")
+        con.execute("UPDATE t SET name = name || '-u' WHERE id % 5 = 0")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    count = con.execute("SELECT count(*) FROM t").fetchone()[0]
+    total = con.execute("SELECT sum(length(blob)) FROM t").fetchone()[0]
+    con.close()
+    assert count == 5000 - 5000 // 7
+
+    mnt.remount()
+    r = run("sqlite3", db, "PRAGMA integrity_check; SELECT count(*), sum(length(blob)) FROM t;")
+    assert r.stdout.split() == ["ok", f"{count}|{total}"]
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("INSERT INTO t (name, blob) VALUES ('after', x'00ff')")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT count(*) FROM t").fetchone()[0] == count + 1
+    con.close()
+    assert not (mnt.path / "app.db-journal").exists()
+
+
+def _make_tarball(path: Path) -> None:
+    rnd = random.Random(11)
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(300):
+            depth = rnd.randrange(0, 4)
+            parts = [f"d{rnd.randrange(4)}" for _ in range(depth)]
+            name = "/".join(["proj", *parts, f"file {i}.dat"])
+            size = rnd.choice([0, 1, 100, 4096, 70_000, BS - 1, BS + 1])
+            info = tarfile.TarInfo(name)
+            info.size = size
+            info.mode = rnd.choice([0o644, 0o600, 0o755])
+            info.mtime = 1_600_000_000 + i * 3600
+            tar.addfile(info, io.BytesIO(rnd.randbytes(size)))
+        for d in ("proj/empty", "proj/d1/empty2"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        info = tarfile.TarInfo("proj/link-to-d0")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "d0"
+        tar.addfile(info)
+
+
+def test_tar_extract_matches_local(mnt: Any, tmp_path: Path) -> None:
+    """Hundreds of files in nested directories extracted by tar onto the mount are what tar
+    extracts locally (diff -r), also after a remount."""
+    tarball = tmp_path / "proj.tar.gz"
+    _make_tarball(tarball)
+    local = tmp_path / "local"
+    local.mkdir()
+    run("tar", "-xzf", tarball, "-C", local)
+    run("tar", "-xzf", tarball, "-C", mnt.path)
+    run("diff", "-r", "--no-dereference", local / "proj", mnt.path / "proj")
+    assert stats(local / "proj") == stats(mnt.path / "proj")
+    mnt.remount()
+    run("diff", "-r", "--no-dereference", local / "proj", mnt.path / "proj")
+    assert {k: v[0] for k, v in stats(local / "proj").items()} == \
+        {k: v[0] for k, v in stats(mnt.path / "proj").items()}
+
+
+def _tree(root: Path) -> None:
+    rnd = random.Random(5)
+    for i, sub in enumerate(["", "a", "a/b", "c"]):
+        d = root / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(4):
+            f = d / f"f{i}{j}.txt"
+            f.write_bytes(rnd.randbytes(rnd.choice([0, 10, 5000, BS + 17])))
+            os.chmod(f, rnd.choice([0o600, 0o640, 0o755, 0o444]))
+            os.utime(f, (1_500_000_000 + i * 100 + j, 1_500_000_000 + i * 100 + j))
+    os.chmod(root / "a/b", 0o700)
+    os.symlink("a/b/f20.txt", root / "rel-link")
+    for sub in ["a/b", "a", "c", ""]:
+        os.utime(root / sub, (1_400_000_000, 1_400_000_000))
+
+
+@pytest.mark.parametrize("tool", ["cp", "rsync"])
+def test_copy_tools_keep_mode_and_mtime(mnt: Any, tmp_path: Path, tool: str) -> None:
+    """``cp -a`` and ``rsync -a`` onto the mount keep every file's mode, mtime and size, also
+    after a remount, and copying back gives identical files."""
+    src = tmp_path / "src"
+    _tree(src)
+    dst = mnt.path / "dst"
+    if tool == "cp":
+        run("cp", "-a", src, dst)
+    else:
+        run("rsync", "-a", f"{src}/", f"{dst}/")
+    want = stats(src)
+    want_files = {k: v for k, v in want.items() if not stat.S_ISDIR(v[0])}
+    got = stats(dst)
+    assert {k: v for k, v in got.items() if not stat.S_ISDIR(v[0])} == want_files
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    mnt.remount()
+    got = stats(dst)
+    assert {k: v for k, v in got.items() if not stat.S_ISDIR(v[0])} == want_files
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    back = tmp_path / "back"
+    run("cp", "-a", dst, back)
+    run("diff", "-r", "--no-dereference", src, back)
+
+
+# --- write patterns --------------------------------------------------------------------------
+
+
+def test_editor_save_pattern(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """Write a temp file, fsync, rename it over the original (vim/emacs/atomic-save): the new
+    content is there, the old one is gone, the temp name too; also for a reader who opened
+    the original before the save."""
+    orig = mnt.path / "notes.txt"
+    orig.write_bytes(b"old content\n" * 1000)
+    reader = open(orig, "rb")
+    new = b"new content, longer than before\n" * 2000
+    tmp = mnt.path / ".notes.txt.swp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, new)
+    os.fsync(fd)
+    os.close(fd)
+    os.rename(tmp, orig)
+    assert orig.read_bytes() == new
+    assert not tmp.exists()
+    assert sorted(os.listdir(mnt.path)) == ["notes.txt"]
+    assert reader.read() == b"old content\n" * 1000  # POSIX: the old inode lives on
+    reader.close()
+    assert all_keys(s3, bucket) == {"notes.txt"}
+    assert_sealed(s3, bucket, "notes.txt", key, new)
+    mnt.remount()
+    assert orig.read_bytes() == new
+
+
+def test_appends(mnt: Any) -> None:
+    """Opening with 'ab' several times appends each time; two append handles open at once
+    both land at the end."""
+    f = mnt.path / "log.txt"
+    want = b""
+    for i in range(5):
+        line = f"line {i}\n".encode() * (i * 50_000 + 1)
+        with open(f, "ab") as h:
+            h.write(line)
+        want += line
+        assert f.read_bytes() == want
+    a = open(f, "ab", buffering=0)
+    b = open(f, "ab", buffering=0)
+    a.write(b"A1\n")
+    b.write(b"B1\n")
+    a.write(b"A2\n")
+    a.close()
+    b.close()
+    want += b"A1\nB1\nA2\n"
+    assert f.read_bytes() == want
+    mnt.remount()
+    assert f.read_bytes() == want
+    assert f.stat().st_size == len(want)
+
+
+def test_random_dd_writes_into_large_file(mnt: Any, tmp_path: Path) -> None:
+    """dd conv=notrunc and pwrite at random offsets into a 40 MiB file give the same sha256
+    as the same writes on a local copy, also after remount (untouched parts are copied
+    server-side)."""
+    size = 40 * MiB
+    local = tmp_path / "local.bin"
+    remote = mnt.path / "data.bin"
+    digest = write_big(local, size, seed=40)
+    shutil.copyfile(local, remote)
+    assert sha_file(remote) == digest
+    mnt.remount()  # the edits below start from the object in S3
+
+    rnd = random.Random(41)
+    patch = tmp_path / "patch"
+    patch.write_bytes(rnd.randbytes(3 * 4096))
+    for seek in (0, 17 * 256 + 3, 4096 * 2500):  # dd: bs=4096 → blocks; bs=1 for odd offsets
+        for target in (local, remote):
+            run("dd", f"if={patch}", f"of={target}", "bs=4096", f"seek={seek}",
+                "conv=notrunc", "status=none")
+    edits = [(PS - 10, rnd.randbytes(20)), (2 * PS + 5, rnd.randbytes(100_000)),
+             (size - 3, rnd.randbytes(3)), (12345, rnd.randbytes(1))]
+    for path in (local, remote):
+        fd = os.open(path, os.O_WRONLY)
+        for off, buf in edits:
+            assert os.pwrite(fd, buf, off) == len(buf)
+        os.close(fd)
+    assert remote.stat().st_size == local.stat().st_size == size
+    assert sha_file(remote) == sha_file(local)
+    mnt.remount()
+    assert sha_file(remote) == sha_file(local)
+    remote.unlink()
+
+
+def test_truncate_down_and_up(mnt: Any) -> None:
+    """truncate on a path and ftruncate on an open fd, down and up, across block boundaries:
+    the kept bytes are unchanged and the grown tail reads as zeros, also after a remount."""
+    f = mnt.path / "t.bin"
+    data = pattern(3 * BS + 100, 9)
+    f.write_bytes(data)
+    os.truncate(f, BS + 10)
+    assert f.read_bytes() == data[:BS + 10]
+    os.truncate(f, 2 * BS + 50)
+    want = data[:BS + 10] + bytes(BS + 40)
+    assert f.read_bytes() == want
+    with open(f, "r+b") as h:
+        os.ftruncate(h.fileno(), 100)
+        assert os.fstat(h.fileno()).st_size == 100
+        h.seek(0)
+        assert h.read() == data[:100]
+        os.ftruncate(h.fileno(), 5000)
+        h.seek(200)
+        h.write(b"xyz")
+    want = data[:100] + bytes(100) + b"xyz" + bytes(5000 - 203)
+    assert f.read_bytes() == want
+    os.truncate(f, 0)
+    assert f.read_bytes() == b""
+    os.truncate(f, BS + 1)
+    assert f.read_bytes() == bytes(BS + 1)
+    with open(f, "r+b") as h:  # truncate of a large file below the multipart threshold
+        h.write(data[:1000])
+        os.ftruncate(h.fileno(), PS + 2)
+    want = data[:1000] + bytes(PS + 2 - 1000)
+    mnt.remount()
+    assert f.stat().st_size == PS + 2
+    assert sha_file(f) == sha(want)
+    os.truncate(f, 999)
+    assert f.read_bytes() == data[:999]
+    mnt.remount()
+    assert f.read_bytes() == data[:999]
+
+
+# --- names and directories -------------------------------------------------------------------
+
+
+def test_directories(mnt: Any, s3: Any, bucket: str) -> None:
+    """mkdir/rmdir; rmdir of a non-empty directory is ENOTEMPTY; a directory with nested
+    content renames whole; rename over an existing file replaces it."""
+    os.mkdir(mnt.path / "empty")
+    assert (mnt.path / "empty").is_dir()
+    os.rmdir(mnt.path / "empty")
+    assert not (mnt.path / "empty").exists()
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(mnt.path / "empty")
+
+    top = mnt.path / "top"
+    (top / "sub" / "deeper").mkdir(parents=True)
+    files = {"a.txt": b"a" * 10, "sub/b.txt": pattern(BS + 3, 1),
+             "sub/deeper/c.txt": b"c", "sub/deeper/empty.txt": b""}
+    for rel, data in files.items():
+        (top / rel).write_bytes(data)
+    with pytest.raises(OSError) as ei:
+        os.rmdir(top)
+    assert ei.value.errno == errno.ENOTEMPTY
+    with pytest.raises(OSError) as ei:
+        os.rmdir(top / "sub" / "deeper")
+    assert ei.value.errno == errno.ENOTEMPTY
+
+    with pytest.raises(FileExistsError):
+        os.mkdir(top)
+    os.rename(top, mnt.path / "moved")
+    assert not top.exists()
+    for rel, data in files.items():
+        assert (mnt.path / "moved" / rel).read_bytes() == data
+    assert sorted(os.listdir(mnt.path / "moved" / "sub")) == ["b.txt", "deeper"]
+    assert not any(k.startswith("top/") for k in all_keys(s3, bucket))
+
+    (mnt.path / "x").write_bytes(b"source")
+    (mnt.path / "y").write_bytes(b"target to be replaced")
+    os.rename(mnt.path / "x", mnt.path / "y")
+    assert (mnt.path / "y").read_bytes() == b"source"
+    assert not (mnt.path / "x").exists()
+
+    os.mkdir(mnt.path / "e")
+    os.rename(mnt.path / "moved", mnt.path / "e")  # over an empty directory is allowed
+    assert (mnt.path / "e" / "sub" / "deeper" / "c.txt").read_bytes() == b"c"
+
+    mnt.remount()
+    assert sorted(os.listdir(mnt.path)) == ["e", "y"]
+    for rel, data in files.items():
+        assert (mnt.path / "e" / rel).read_bytes() == data
+    shutil.rmtree(mnt.path / "e")
+    assert sorted(os.listdir(mnt.path)) == ["y"]
+    assert all_keys(s3, bucket) == {"y"}
+
+
+def test_unlink_while_open(mnt: Any, s3: Any, bucket: str) -> None:
+    """An open handle keeps reading the whole content after the name is unlinked; the name
+    is gone from the listing and the bucket at once."""
+    f = mnt.path / "doomed.bin"
+    data = pattern(3 * BS + 77, 3)
+    f.write_bytes(data)
+    mnt.remount()  # the reader must get its bytes from S3, not from the writer
+    with open(f, "rb") as h:
+        assert h.read(100) == data[:100]
+        os.unlink(f)
+        assert "doomed.bin" not in os.listdir(mnt.path)
+        assert not f.exists()
+        assert all_keys(s3, bucket) == set()
+        assert h.read() == data[100:]
+        h.seek(0)
+        assert h.read() == data
+    assert not f.exists()
+
+
+def test_symlinks(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """Relative and absolute symlinks: readlink, following them, ``ls -l``; in S3 the body
+    is the target and x-amz-meta-mode has S_IFLNK (s3fs's way)."""
+    (mnt.path / "dir").mkdir()
+    (mnt.path / "dir" / "target.txt").write_bytes(b"pointed at")
+    os.symlink("dir/target.txt", mnt.path / "rel")
+    abs_target = str(mnt.path / "dir" / "target.txt")
+    os.symlink(abs_target, mnt.path / "abs")
+    os.symlink("nowhere", mnt.path / "dangling")
+    for _ in range(2):
+        assert os.readlink(mnt.path / "rel") == "dir/target.txt"
+        assert os.readlink(mnt.path / "abs") == abs_target
+        assert (mnt.path / "rel").read_bytes() == b"pointed at"
+        assert (mnt.path / "abs").read_bytes() == b"pointed at"
+        assert (mnt.path / "rel").is_symlink() and stat.S_ISLNK(
+            os.lstat(mnt.path / "rel").st_mode)
+        assert os.lstat(mnt.path / "rel").st_size == len("dir/target.txt")
+        assert not (mnt.path / "dangling").exists()
+        ls = run("ls", "-l", mnt.path).stdout
+        assert "rel -> dir/target.txt" in ls
+        assert f"abs -> {abs_target}" in ls
+        assert any(line.startswith("l") and "dangling -> nowhere" in line
+                   for line in ls.splitlines())
+        for name, target in (("rel", "dir/target.txt"), ("abs", abs_target)):
+            body = s3.get_object(Bucket=bucket, Key=name, **sse(key))["Body"].read()
+            assert body == target.encode()
+            assert stat.S_ISLNK(int(s3meta(s3, bucket, name, key)["mode"]))
+        mnt.remount()
+    os.unlink(mnt.path / "rel")
+    assert (mnt.path / "dir" / "target.txt").exists()
+
+
+def test_names(mnt: Any, s3: Any, bucket: str) -> None:
+    """Spaces, unicode and a 255-byte name work (also as directories and rename targets);
+    256 bytes is ENAMETOOLONG."""
+    names = ["with space.txt", "café ü 日本.txt", "x" * 255, "日" * 85, "é" * 127 + "x"]
+    for n in names:
+        assert len(n.encode()) <= 255
+        (mnt.path / n).write_bytes(n.encode())
+    os.mkdir(mnt.path / "dir ü 日")
+    os.rename(mnt.path / "with space.txt", mnt.path / "dir ü 日" / ("y" * 255))
+    for bad in ("z" * 256, "é" * 128, "日" * 85 + "z"):
+        assert len(bad.encode()) == 256
+        with pytest.raises(OSError) as ei:
+            (mnt.path / bad).write_bytes(b"no")
+        assert ei.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(OSError) as ei:
+            os.mkdir(mnt.path / bad)
+        assert ei.value.errno == errno.ENAMETOOLONG
+    mnt.remount()
+    assert sorted(os.listdir(mnt.path)) == sorted(names[1:] + ["dir ü 日"])
+    for n in names[1:]:
+        assert (mnt.path / n).read_bytes() == n.encode()
+    assert (mnt.path / "dir ü 日" / ("y" * 255)).read_bytes() == b"with space.txt"
+    assert "café ü 日本.txt" in all_keys(s3, bucket)
+
+
+# --- visibility to other processes and mounts ------------------------------------------------
+
+
+def test_close_to_open_visibility(mnt: Any, mount_factory: Any, bucket: str) -> None:
+    """A second mount of the bucket sees a file once the first mount's writer has closed it
+    (and its new content after a rewrite); another process on the same mount sees it too."""
+    other = mount_factory(bucket)
+    f1, f2 = mnt.path / "shared.txt", other.path / "shared.txt"
+    data = pattern(2 * BS + 5, 21)
+    with open(f1, "wb") as h:
+        h.write(data)
+    assert f2.read_bytes() == data
+    r = subprocess.run([sys.executable, "-c",
+                        "import sys,hashlib;"
+                        "print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest())",
+                        str(f1)], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == sha(data)
+
+    data2 = b"rewritten by the second mount\n"
+    with open(f2, "wb") as h:
+        h.write(data2)
+    assert f1.read_bytes() == data2
+    assert run("cat", f1).stdout.encode() == data2
+
+    big = pattern(PS + BS, 22)
+    with open(other.path / "big.bin", "wb") as h:
+        h.write(big)
+    assert sha_file(mnt.path / "big.bin") == sha(big)
+    os.unlink(mnt.path / "big.bin")
+
+
+# --- metadata as s3fs writes it --------------------------------------------------------------
+
+
+def test_metadata_is_s3fs_compatible(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """chmod, chown and utime reach x-amz-meta-mode (decimal, with S_IFREG), -uid, -gid and
+    -mtime (seconds), for small files (re-PUT) and large ones (server-side copy)."""
+    for name, size in (("small", 100), ("large", 2 * BS + 1)):
+        f = mnt.path / name
+        data = pattern(size, size)
+        f.write_bytes(data)
+        os.chmod(f, 0o640)
+        os.chown(f, 1234, 2345)
+        os.utime(f, (1_234_567_890, 1_234_567_890))
+        meta = s3meta(s3, bucket, name, key)
+        assert meta["mode"] == str(stat.S_IFREG | 0o640), meta
+        assert meta["uid"] == "1234" and meta["gid"] == "2345", meta
+        assert meta["mtime"].split(".")[0] == "1234567890", meta
+        st = f.stat()
+        assert (st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime)) == \
+            (stat.S_IFREG | 0o640, 1234, 2345, 1_234_567_890)
+        mnt.remount()
+        st = f.stat()
+        assert (st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime)) == \
+            (stat.S_IFREG | 0o640, 1234, 2345, 1_234_567_890)
+        assert f.read_bytes() == data
+        assert_sealed(s3, bucket, name, key, data)
+    os.mkdir(mnt.path / "d", 0o711)
+    meta = s3meta(s3, bucket, "d/", key)
+    assert meta["mode"] == str(stat.S_IFDIR | 0o711)
+
+
+def test_fifo_and_hard_link(mnt: Any) -> None:
+    """mkfifo makes a FIFO that is still one after a remount; hard links are EPERM."""
+    os.mkfifo(mnt.path / "pipe", 0o620)
+    assert stat.S_ISFIFO(os.stat(mnt.path / "pipe").st_mode)
+    (mnt.path / "file").write_bytes(b"x")
+    with pytest.raises(OSError) as ei:
+        os.link(mnt.path / "file", mnt.path / "hard")
+    assert ei.value.errno == errno.EPERM
+    assert not (mnt.path / "hard").exists()
+    mnt.remount()
+    st = os.stat(mnt.path / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o620
+
+
+# --- no plaintext on local disk --------------------------------------------------------------
+
+
+def test_no_plaintext_in_cache_or_spill(mnt: Any) -> None:
+    """A distinctive plaintext marker never appears in the cache dir: not in the spill while
+    a large file is being written (checked before close), not in cached blocks after reading
+    it back, not after unmount.  (The log_check fixture and mount teardown check that no key
+    material reached the logs, the daemon's DEBUG log included.)"""
+    marker = b"PLAINTEXT-MARKER-" + os.urandom(8).hex().encode()
+    chunk = (marker + b"\n") * (MiB // (len(marker) + 1))
+    f = mnt.path / "secret.txt"
+    with open(f, "wb") as h:
+        for _ in range(24):  # 24 MiB: more than the in-memory budget, and multipart
+            h.write(chunk)
+        h.flush()
+        assert list((mnt.cache_dir).rglob("spill-*")), "expected a spill file"
+        assert scan_for(mnt.cache_dir, marker) == []
+        assert scan_for(mnt.cache_dir, marker[:16]) == []
+    mnt.remount()
+    with open(f, "rb") as h:
+        while h.read(4 * MiB):
+            pass
+    with open(f, "rb") as h:  # again: from the block cache
+        assert h.read(len(marker)) == marker
+    assert scan_for(mnt.cache_dir, marker) == []
+    mnt.umount()
+    assert any(p.is_file() for p in mnt.cache_dir.rglob("*"))
+    assert scan_for(mnt.cache_dir, marker) == []
+    assert scan_for(mnt.cache_dir, marker[:16]) == []
+    mnt.mount()
+    f.unlink()
+
