@@ -5,6 +5,6 @@ demo:
 test:
 	bash tests/run.sh
 bench:
-	bash tests/setup.sh && bash tests/rgw-up.sh >/dev/null && .venv/bin/python tests/bench/bench.py
+	bash tests/setup.sh && RGW_OBJECTSTORE=bluestore RGW_STORE_BYTES=48G bash tests/rgw-up.sh >/dev/null && .venv/bin/python tests/bench/bench.py
 lint:
 	.venv/bin/ruff check s3ssefs tests

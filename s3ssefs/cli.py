@@ -163,7 +163,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if cfg.foreground or args.daemonized:
         from s3ssefs.daemon import run_foreground
 
-        setup_logging(cfg.log_level, cfg.log_file, foreground=not args.daemonized)
+        try:
+            setup_logging(cfg.log_level, cfg.log_file, foreground=not args.daemonized)
+        except OSError as e:
+            raise MountError(f"cannot open log file {cfg.log_file}: {e.strerror}") from None
         return run_foreground(cfg, args.ready_fd)
     return _spawn_daemon(bucket, Path(mountpoint), values)
 
@@ -180,14 +183,19 @@ def _spawn_daemon(bucket: str, mountpoint: Path, values: dict[str, str]) -> int:
         if "," in v:
             argv.append(f"--{k.replace('_', '-')}={v}")
     log_file = values.get("log_file")
-    with open(os.devnull, "r+b") as devnull:
-        err = open(log_file, "ab") if log_file else devnull  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(argv, stdin=devnull, stdout=devnull, stderr=err,
-                                    pass_fds=(w,), start_new_session=True, close_fds=True)
-        finally:
-            if log_file:
-                err.close()
+    try:
+        with open(os.devnull, "r+b") as devnull:
+            err = open(log_file, "ab") if log_file else devnull  # noqa: SIM115
+            try:
+                proc = subprocess.Popen(argv, stdin=devnull, stdout=devnull, stderr=err,
+                                        pass_fds=(w,), start_new_session=True, close_fds=True)
+            finally:
+                if log_file:
+                    err.close()
+    except OSError as e:  # log file not writable, interpreter not executable, …
+        os.close(r)
+        os.close(w)
+        raise MountError(f"cannot start the mount daemon: {e.strerror}: {e.filename}") from None
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
@@ -217,7 +225,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "import-s3fs":
-        if args.path.exists():
+        if args.path.exists() or args.path.is_symlink():
             raise MountError(f"{args.path} already exists; not overwriting a key file")
         kf = KeyFile.import_s3fs(args.s3fs_file)
         kf.save(args.path)

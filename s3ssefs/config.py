@@ -156,6 +156,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_requests", _pos_int, "S3 requests in flight at once", metavar="N"),
     Option("request_timeout", _nonneg_float,
            "seconds before a request that keeps failing returns EIO", metavar="SECONDS"),
+    Option("retry_interval", _nonneg_float,
+           "seconds between retries of uploads that failed at close", metavar="SECONDS"),
     Option("sse", _sse, "encryption for writes: c (key file), s3 or kms:KEYID", metavar="MODE"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -198,6 +200,7 @@ class MountConfig:
     multipart_threshold: int = 16 << 20
     max_requests: int = 16
     request_timeout: float = 60.0
+    retry_interval: float = 30.0
     sse: str = "c"
 
     def __post_init__(self) -> None:

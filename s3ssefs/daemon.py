@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import select
 import signal
@@ -42,6 +43,7 @@ from s3ssefs.keys import KeyFile, KeyFileError
 from s3ssefs.logsetup import register_secret
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
+from s3ssefs.view import AsOfView, LiveView
 
 log = logging.getLogger(__name__)
 PR_SET_DUMPABLE = 4
@@ -132,6 +134,20 @@ async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
             default = rule.get("ApplyServerSideEncryptionByDefault", {})
             if default:
                 log.info("bucket default encryption: %s", default.get("SSEAlgorithm"))
+    if cfg.sse != "c" and not cfg.read_only:
+        # only a real write shows whether the server honours SSE-S3/KMS: Ceph 16 accepts
+        # AES256 and silently stores plaintext
+        try:
+            problem = await store.probe_write_encryption()
+        except FsError as e:
+            raise MountError(f"test write with sse={cfg.sse} to bucket {cfg.bucket!r} "
+                             f"failed: {e}") from None
+        if problem and cfg.sse == "s3":
+            raise MountError("server ignores SSE-S3 (no encryption echoed): objects would be "
+                             "stored unencrypted; use sse=c or sse=kms:KEYID")
+        if problem:
+            raise MountError(f"server did not confirm sse={cfg.sse} on a test write "
+                             f"({problem}); objects would not be encrypted as asked")
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -171,7 +187,9 @@ class Mount:
                        block_size=cfg.block_size, part_size=cfg.part_size,
                        multipart_threshold=cfg.multipart_threshold, s3key=str,
                        write_key=lambda: None, metadata=lambda n: {}, stats=self.stats)
-        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx)
+        view = (AsOfView(self.store, self.keyring, cfg.as_of) if cfg.as_of is not None
+                else LiveView(self.store, self.keyring))
+        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx, view)
         self.failed: list[str] = []
         self._stopping = False
 
@@ -236,11 +254,23 @@ class Mount:
                 self.ctx.nursery = n
                 self.ctx.source.nursery = n
                 sock_path = await n.start(self._control)
+                # what umount, stats and presign learn about this mount: the key file's
+                # path, never a key
+                cfg = self.cfg
                 registry.write_text(json.dumps({
                     "pid": os.getpid(), "mountpoint": str(self.mountpoint),
-                    "socket": str(sock_path), "bucket": self.cfg.bucket_path}))
+                    "socket": str(sock_path), "bucket": cfg.bucket_path,
+                    "bucket_name": cfg.bucket, "prefix": cfg.prefix, "endpoint": cfg.endpoint,
+                    "region": cfg.region, "profile": cfg.profile,
+                    **{name: str(p.expanduser().resolve()) if p is not None else None
+                       for name, p in (("credentials_file", cfg.credentials_file),
+                                       ("ca_bundle", cfg.ca_bundle),
+                                       ("keyfile", cfg.keyfile if cfg.sse == "c" else None))},
+                    "allow_http": cfg.allow_http, "sse": cfg.sse,
+                    "read_only": cfg.read_only,
+                    "as_of": cfg.as_of.isoformat() if cfg.as_of else None}))
                 n.start_soon(self._signals)
-                n.start_soon(self.fs.retry_loop)
+                n.start_soon(self.fs.retry_loop, max(0.1, self.cfg.retry_interval))
                 n.start_soon(self._announce, ready_fd)
                 await pyfuse3.main()
                 # unmounted (by us, or by fusermount -u): upload what is left
@@ -273,7 +303,7 @@ class Mount:
 def clear_stale_mount(mountpoint: Path) -> None:
     """A dead daemon leaves 'Transport endpoint is not connected': unmount it lazily."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # always asks the daemon; a stat may come from the attr cache
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             log.info("clearing stale mount on %s", mountpoint)
@@ -296,8 +326,13 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         keyfile = load_keys(cfg)
         clear_stale_mount(cfg.mountpoint)
+        pid = registered_pid(cfg.mountpoint)
+        if pid is not None:
+            raise MountError(f"{cfg.mountpoint} is already mounted by s3ssefs (pid {pid}); "
+                             "run s3ssefs umount first")
         if not cfg.mountpoint.is_dir():
-            raise MountError(f"mount point {cfg.mountpoint} is not a directory")
+            what = "is not a directory" if cfg.mountpoint.exists() else "does not exist"
+            raise MountError(f"mount point {cfg.mountpoint} {what}")
         runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         mount = Mount(cfg, keyfile)
         return trio.run(mount.run, ready_fd)
@@ -305,6 +340,34 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return fail(str(e))
     except RuntimeError as e:  # pyfuse3.init: mount refused by the kernel
         return fail(f"cannot mount on {cfg.mountpoint}: {e}")
+
+
+def mounted_fstype(mountpoint: Path) -> str | None:
+    """Type of the filesystem mounted exactly on ``mountpoint`` (``fuse.s3ssefs``…), or None.
+
+    Read from ``/proc/self/mountinfo``, so it works on a dead daemon's mount too."""
+    target = os.path.realpath(mountpoint)
+    fstype = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                head, _, tail = line.partition(" - ")
+                fields = head.split()
+                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                               fields[4]) if len(fields) > 4 else None
+                if where == target and tail:
+                    fstype = tail.split()[0]  # the last one listed is the one on top
+    except OSError:
+        return None
+    return fstype
+
+
+def registered_pid(mountpoint: Path) -> int | None:
+    """PID of the live daemon serving ``mountpoint`` (it answers its socket), or None."""
+    try:
+        return int(control(mountpoint, "stats", timeout=30)["pid"])
+    except (MountError, ValueError, KeyError, TypeError):
+        return None
 
 
 def control(mountpoint: Path, command: str, timeout: float = 3600.0) -> dict[str, Any]:
@@ -337,7 +400,12 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
     try:
         reply = control(mountpoint, "umount", timeout)
     except MountError as e:
-        # no live daemon: maybe a stale mount left by a killed one
+        # no live daemon: maybe a stale mount left by a killed one, but never anything else
+        fstype = mounted_fstype(mountpoint)
+        if fstype is not None and fstype != "fuse.s3ssefs":
+            raise MountError(f"{mountpoint} is a {fstype} mount, not s3ssefs; left alone") from None
+        if fstype is None:
+            raise MountError(str(e)) from None
         r = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
                            text=True)
         if r.returncode == 0:

@@ -30,6 +30,7 @@ from s3ssefs.inodes import ROOT, InodeTable, Node, check_name, join
 from s3ssefs.keyring import KeyRing
 from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for
 from s3ssefs.store import ObjectInfo, ObjectStore
+from s3ssefs.view import LiveView
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -74,11 +75,14 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, cfg: MountConfig, store: ObjectStore, keyring: KeyRing, ctx: Ctx) -> None:
+    def __init__(self, cfg: MountConfig, store: ObjectStore, keyring: KeyRing, ctx: Ctx,
+                 view: LiveView | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.store = store
         self.keyring = keyring
+        # what the bucket shows: live, or as it was at cfg.as_of (reads go through the view)
+        self.view = view or LiveView(store, keyring)
         self.ctx = ctx
         self.ttl = cfg.attr_ttl
         now = _now_ns()
@@ -123,7 +127,7 @@ class Filesystem(pyfuse3.Operations):
         """Find what ``path`` is in S3 (file, symlink, directory) and make/refresh its node."""
         if hint is None or not hint[0]:
             try:
-                info, key = await self.keyring.head(path, self.s3key(path))
+                info, key = await self.view.head(path, self.s3key(path))
             except FsError as e:
                 if e.errno == errno.EACCES and hint is not None:
                     return self._locked_node(path, hint)
@@ -137,7 +141,7 @@ class Filesystem(pyfuse3.Operations):
         return await self._probe_dir(path)
 
     async def _list_hint(self, path: str) -> tuple[bool, int, str, float]:
-        async for page in self.store.list_pages(self.s3key(path), delimiter="/", page_size=2):
+        async for page in self.view.list_pages(self.s3key(path), delimiter="/", page_size=2):
             for o in page.objects:
                 if o.key == self.s3key(path):
                     return (False, o.size, o.etag, o.mtime)
@@ -147,7 +151,7 @@ class Filesystem(pyfuse3.Operations):
         prefix = self.dirkey(path)
         has_marker = False
         exists = False
-        async for page in self.store.list_pages(prefix, delimiter=None, page_size=2):
+        async for page in self.view.list_pages(prefix, delimiter=None, page_size=2):
             exists = bool(page.objects)
             has_marker = any(o.key == prefix for o in page.objects)
             break
@@ -157,7 +161,7 @@ class Filesystem(pyfuse3.Operations):
         key = None
         if has_marker:
             try:
-                info, key = await self.keyring.head(path + "/", prefix)
+                info, key = await self.view.head(path + "/", prefix)
             except FsError as e:
                 if e.errno not in (errno.EACCES, errno.ENOENT):
                     raise
@@ -223,7 +227,9 @@ class Filesystem(pyfuse3.Operations):
             hint = lst.entries.get(name)
             if hint is None:
                 raise FsError(errno.ENOENT, f"no such file: {path}")
-        return await self._probe(path, hint)
+        node = await self._probe(path, hint)
+        node.just_probed = True
+        return node
 
     async def _refresh(self, node: Node) -> None:
         if self._fresh(node):
@@ -234,6 +240,20 @@ class Filesystem(pyfuse3.Operations):
             fresh = await self._probe(node.path)
             if fresh is not node:
                 raise FsError(errno.ESTALE, f"{node.path} was replaced")
+
+    async def _revalidate(self, node: Node) -> None:
+        """Close-to-open: an open looks at S3 again whatever the TTL says (another client may
+        have closed a new version a moment ago), and a changed object makes the kernel drop the
+        attributes it cached, so no kernel cuts the new content at the old size."""
+        before = (node.etag, node.attrs.size)
+        fresh = await self._probe(node.path)
+        if fresh is not node:
+            raise FsError(errno.ESTALE, f"{node.path} was replaced")
+        if (node.etag, node.attrs.size) != before:
+            try:  # attributes only, no writeback cache: does not block
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as e:
+                log.debug("could not invalidate attributes of %s: %s", node.path, e)
 
     # ------------------------------------------------------------------ lookups & attributes
     @_fuse_errors
@@ -404,7 +424,7 @@ class Filesystem(pyfuse3.Operations):
         seen: set[str] = set()
         remembered: dict[str, tuple[bool, int, str, float]] = {}
         complete = True
-        async for page in self.store.list_pages(prefix, delimiter="/"):
+        async for page in self.view.list_pages(prefix, delimiter="/"):
             dirs = {}
             for p in page.prefixes:
                 name = p[len(prefix):-1]
@@ -510,7 +530,16 @@ class Filesystem(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_writable()
         parent = self.inodes.get(parent_inode)
-        node = await self._lookup(parent, check_name(name))
+        text = check_name(name)
+        try:
+            node = await self._lookup(parent, text)
+        except FsError as e:
+            # a directory implied by its objects (no marker) vanished from S3 with its last
+            # entry: the kernel still shows it, so `rm -r` must be able to remove it
+            known = self.inodes.find(join(parent.path, text))
+            if e.errno != errno.ENOENT or known is None or not known.is_dir:
+                raise
+            node = known
         if not node.is_dir:
             raise FsError(errno.ENOTDIR, node.path)
         await self._check_empty(node)
@@ -560,8 +589,10 @@ class Filesystem(pyfuse3.Operations):
         writing = flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC
         if writing:
             self._check_writable()
-        if node.data is None and node.remote and time.monotonic() - node.fetched > 1.0:
-            await self._refresh(node)  # close-to-open: see what others closed
+        # close-to-open: look at S3 again, unless the lookup that led here just did
+        just_probed, node.just_probed = node.just_probed, False
+        if node.data is None and node.remote and not just_probed and self.cfg.as_of is None:
+            await self._revalidate(node)
         if node.locked:
             log.warning("no key opens s3://%s/%s [EACCES]", self.store.bucket,
                         self.s3key(node.path))

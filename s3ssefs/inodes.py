@@ -51,6 +51,7 @@ class Node:
     locked: bool = False  # exists, but no key opens it: listable, not readable
     has_marker: bool = False  # directory with a "path/" object (vs implied by its children)
     remote: bool = True  # an object exists in S3 for it (False: created here, not yet flushed)
+    just_probed: bool = False  # a lookup read it from S3 for the open that follows
     link_target: bytes | None = None
     data: FileData | None = None  # shared state of the open handles
     open_count: int = 0

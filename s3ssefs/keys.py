@@ -107,6 +107,16 @@ def sse_c_params(key: Key | None, *, copy_source: bool = False) -> dict[str, Any
     return {f"{prefix}Algorithm": SSE_ALGORITHM, f"{prefix}Key": key.raw}
 
 
+def fresh_key() -> bytes:
+    """32 random bytes, never starting with 0x00: s3fs-fuse reads a key through a C string
+    and fails on a leading NUL, so such a key would break s3fs on the same bucket (this drops
+    1/256 of the key space, 0.006 bits)."""
+    while True:
+        raw = os.urandom(KEY_BYTES)
+        if raw[0] != 0:
+            return raw
+
+
 def _id_problem(key_id: object) -> str | None:
     """Why ``key_id`` cannot be a key id, or None.  Ids go into one-line messages and logs."""
     if not isinstance(key_id, str):
@@ -428,7 +438,7 @@ class KeyFile:
     @classmethod
     def generate(cls, key_id: str | None = None) -> KeyFile:
         """A new key file with one fresh random key, which is current (id: today's date)."""
-        key = Key(key_id if key_id is not None else _today(), os.urandom(KEY_BYTES))
+        key = Key(key_id if key_id is not None else _today(), fresh_key())
         return cls({key.id: key}, key.id)
 
     def _free_id(self) -> str:
@@ -452,6 +462,9 @@ class KeyFile:
         elif key_id in self.keys:
             raise KeyFileError(f"key id {key_id!r} is already in the key file")
         key = Key(key_id, bytes(raw))
+        if key.raw[0] == 0:
+            log.warning("key %r starts with a zero byte: s3fs-fuse cannot load such a key "
+                        "(other tools can)", key_id)
         same = self.by_fingerprint(key.fingerprint)
         if same is not None:
             raise KeyFileError(f"this key is already in the key file as {same.id!r}")

@@ -85,8 +85,11 @@ def attrs_from_object(meta: dict[str, str], size: int, last_modified: float, *,
     uid = _int(meta, UID)
     gid = _int(meta, GID)
     lm_ns = int(last_modified * 1_000_000_000)
-    mtime = parse_time_ns(meta.get(MTIME)) or lm_ns
-    ctime = parse_time_ns(meta.get(CTIME)) or mtime
+    # "0" is a real time (tar and touch -d @0 set it): only a missing/malformed value defaults
+    mtime = parse_time_ns(meta.get(MTIME))
+    mtime = lm_ns if mtime is None else mtime
+    ctime = parse_time_ns(meta.get(CTIME))
+    ctime = mtime if ctime is None else ctime
     return Attrs(mode=mode, uid=default_uid if uid is None else uid,
                  gid=default_gid if gid is None else gid, size=size, mtime_ns=mtime,
                  ctime_ns=ctime, rdev=_int(meta, RDEV) or 0)

@@ -6,8 +6,12 @@ socket.  Retries are botocore's *standard* mode (throttling, 5xx and connection 
 backoff); on top of that every call has an overall deadline (``request_timeout``) after which
 the caller gets EIO and the stuck thread is abandoned, so no FUSE request waits forever.
 
-SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone.  Servers differ and this
-module hides it:
+SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone, and how a write *we* make
+is encrypted is decided in one place, :meth:`ObjectStore.write_params`: with a key, SSE-C under
+it; without one, the mount's provider-managed mode (``sse=s3`` → ``AES256``, ``sse=kms:ID`` →
+``aws:kms`` with that key id), or nothing on an ``sse=c`` mount (a plain object stays plain).
+Reads never carry provider parameters: S3 decrypts SSE-S3/KMS objects by itself.  Servers
+differ and this module hides it:
 
 * a wrong or missing key is 403 on AWS but ``400 InvalidArgument`` on Ceph RGW, and a keyless
   HEAD of an SSE-C object on RGW is a bare 400: all map to EACCES;
@@ -16,15 +20,19 @@ module hides it:
   CopyObject, then the multipart copy, then (for a change of key the server refuses) streams the
   data through memory — never through local disk.  What worked is remembered per store.
 
-Every write checks that the server echoed the encryption it was asked for: a server that
-silently stores plaintext (s3fs 1.90 on Ceph 16 shows this happens) fails the write with EIO
-and the object is deleted or the upload aborted.
+Every write checks that the server echoed the encryption it was asked for (SSE-C: algorithm and
+our key's MD5; SSE-S3/KMS: the algorithm and, for KMS, the key id): a server that silently
+stores plaintext (s3fs 1.90 on Ceph 16 shows this happens; Ceph 16 also accepts and ignores
+``AES256``) fails the write with EIO and the object is deleted or the upload aborted.  RGW
+echoes nothing on UploadPartCopy and CompleteMultipartUpload, so those rest on the echo of the
+upload's CreateMultipartUpload.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -50,7 +58,7 @@ from botocore.exceptions import (
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
-from s3ssefs.keys import Key, sse_c_params
+from s3ssefs.keys import SSE_ALGORITHM, Key, sse_c_params
 from s3ssefs.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,57 @@ class Capabilities:
 
     copy_object_sse_c: bool | None = None
     part_copy_cross_key: bool | None = None
+
+
+def provider_params(sse: str) -> dict[str, str]:
+    """boto3 parameters of a provider-managed mode (``s3``, ``kms:ID``); ``{}`` for ``c``."""
+    if sse == "s3":
+        return {"ServerSideEncryption": "AES256"}
+    if sse.startswith("kms:"):
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse[4:]}
+    return {}
+
+
+def _same_kms_key(wanted: str, echoed: str | None) -> bool:
+    """AWS echoes a key ARN for a bare id (and for an alias, whose target we cannot know)."""
+    if not echoed:
+        return False
+    if wanted == echoed or echoed.endswith(("/" + wanted, ":" + wanted)) \
+            or wanted.endswith(("/" + echoed, ":" + echoed)):
+        return True
+    return wanted.startswith("alias/") or ":alias/" in wanted
+
+
+def s3_client(cfg: MountConfig) -> Any:
+    """A boto3 S3 client for ``cfg``'s endpoint, region, credentials and CA (also used by
+    ``s3ssefs presign``, so its URLs are signed exactly as the mount signs its requests)."""
+    bs = botocore.session.Session(profile=cfg.profile)
+    if cfg.credentials_file is not None:
+        bs.set_config_variable("credentials_file", str(cfg.credentials_file))
+    session = boto3.Session(botocore_session=bs)
+    region = cfg.region or session.region_name or "us-east-1"
+    config = Config(
+        region_name=region,
+        signature_version="s3v4",
+        # over TLS the body needs no SHA-256 in the signature (UNSIGNED-PAYLOAD, as the AWS
+        # CLI streams): hashing every part cost ~6% of a sequential write's CPU
+        s3={"addressing_style": "path" if cfg.endpoint else "auto",
+            "payload_signing_enabled": not (cfg.endpoint or "https").startswith("https")},
+        retries={"mode": "standard", "total_max_attempts": 5},
+        max_pool_connections=cfg.max_requests + 4,
+        connect_timeout=10,
+        read_timeout=max(5.0, min(60.0, cfg.request_timeout / 2)),
+        tcp_keepalive=True,
+        # Ceph 16 does not understand aws-chunked bodies with trailing checksums
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # the endpoint is an option we validate (https only): never AWS_ENDPOINT_URL
+        ignore_configured_endpoint_urls=True,
+    )
+    verify: bool | str = str(cfg.ca_bundle) if cfg.ca_bundle else True
+    if cfg.ca_bundle is None:
+        verify = None  # type: ignore[assignment]  # botocore then honours AWS_CA_BUNDLE
+    return session.client("s3", endpoint_url=cfg.endpoint, config=config, verify=verify)
 
 
 def _ts(value: Any) -> float:
@@ -139,33 +198,12 @@ class ObjectStore:
         self.limiter = trio.CapacityLimiter(cfg.max_requests)
         self.part_size = cfg.part_size
         self._client_lock = threading.Lock()
+        self._provider = provider_params(cfg.sse)
         self.client = self._make_client()
 
     # ------------------------------------------------------------------ set-up
     def _make_client(self) -> Any:
-        cfg = self.cfg
-        bs = botocore.session.Session(profile=cfg.profile)
-        if cfg.credentials_file is not None:
-            bs.set_config_variable("credentials_file", str(cfg.credentials_file))
-        session = boto3.Session(botocore_session=bs)
-        region = cfg.region or session.region_name or "us-east-1"
-        config = Config(
-            region_name=region,
-            signature_version="s3v4",
-            s3={"addressing_style": "path" if cfg.endpoint else "auto"},
-            retries={"mode": "standard", "total_max_attempts": 5},
-            max_pool_connections=cfg.max_requests + 4,
-            connect_timeout=10,
-            read_timeout=max(5.0, min(60.0, cfg.request_timeout / 2)),
-            tcp_keepalive=True,
-            # Ceph 16 does not understand aws-chunked bodies with trailing checksums
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        verify: bool | str = str(cfg.ca_bundle) if cfg.ca_bundle else True
-        if cfg.ca_bundle is None:
-            verify = None  # type: ignore[assignment]  # botocore then honours AWS_CA_BUNDLE
-        return session.client("s3", endpoint_url=cfg.endpoint, config=config, verify=verify)
+        return s3_client(self.cfg)
 
     # ------------------------------------------------------------------ the one call path
     async def _call(self, kind: str, what: str, fn: Callable[..., T], /, **kw: Any) -> T:
@@ -343,21 +381,66 @@ class ObjectStore:
             if not key_marker:
                 return
 
+    async def probe_write_encryption(self) -> str | None:
+        """PUT, check and delete a tiny probe object under the prefix with the mount's write
+        encryption; why the server cannot be trusted with it, or None.  Ceph 16 accepts SSE-S3
+        and stores plaintext, which only a real write shows."""
+        name = f"{self.cfg.prefix}.s3ssefs-probe-{os.urandom(6).hex()}"
+        what = self._what("PUT", name)
+        r = await self._call("put", what, self.client.put_object, Bucket=self.bucket,
+                             Key=name, Body=b"s3ssefs write probe", **self.write_params(None))
+        try:
+            return self._echo_problem(r, None)
+        finally:
+            try:
+                await self._call("delete", self._what("DELETE", name), self.client.delete_object,
+                                 Bucket=self.bucket, Key=name,
+                                 **({"VersionId": r["VersionId"]} if r.get("VersionId") else {}))
+            except FsError as e:
+                log.error("could not delete probe object s3://%s/%s: %s", self.bucket, name, e)
+
     # ------------------------------------------------------------------ writes
+    def write_params(self, sse_key: Key | None) -> dict[str, Any]:
+        """The one place that says how a write we make is encrypted (PUT, CreateMultipartUpload,
+        CopyObject's target): SSE-C under ``sse_key``; without one, the mount's sse=s3/kms
+        mode, or nothing on an sse=c mount."""
+        if sse_key is not None:
+            return sse_c_params(sse_key)
+        return dict(self._provider)
+
+    def _echo_problem(self, resp: dict[str, Any], sse_key: Key | None) -> str | None:
+        """Why the response does not prove the write was encrypted as asked, or None."""
+        if sse_key is not None:
+            if (resp.get("SSECustomerAlgorithm") != SSE_ALGORITHM
+                    or resp.get("SSECustomerKeyMD5") != sse_key.fingerprint):
+                return ("server did not confirm SSE-C encryption (no algorithm and key MD5 "
+                        "echoed)")
+            return None
+        if not self._provider:
+            return None
+        wanted = self._provider["ServerSideEncryption"]
+        echoed = resp.get("ServerSideEncryption")
+        if echoed != wanted:
+            return f"server did not confirm {wanted} encryption (echoed {echoed or 'nothing'})"
+        kms_id = self._provider.get("SSEKMSKeyId")
+        if kms_id and not _same_kms_key(kms_id, resp.get("SSEKMSKeyId")):
+            return (f"server encrypted with KMS key {resp.get('SSEKMSKeyId') or '(none)'}, "
+                    f"not {kms_id}")
+        return None
+
     def _check_echo(self, resp: dict[str, Any], sse_key: Key | None, what: str) -> None:
-        """The server must say it encrypted with our key; otherwise it stored plaintext."""
-        if sse_key is None:
-            return
-        if resp.get("SSECustomerKeyMD5") != sse_key.fingerprint:
-            raise FsError(errno.EIO, f"{what}: server did not confirm SSE-C encryption "
-                          "(no key MD5 echoed); refusing to leave plaintext in the bucket")
+        """The server must say it encrypted as asked; otherwise it stored plaintext."""
+        problem = self._echo_problem(resp, sse_key)
+        if problem:
+            raise FsError(errno.EIO, f"{what}: {problem}; refusing to leave plaintext in the "
+                          "bucket")
 
     async def put(self, key: str, body: bytes, sse_key: Key | None,
                   metadata: dict[str, str] | None = None,
                   content_type: str | None = None) -> ObjectInfo:
         what = self._what("PUT", key)
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
-                              "Metadata": metadata or {}, **sse_c_params(sse_key)}
+                              "Metadata": metadata or {}, **self.write_params(sse_key)}
         if content_type:
             kw["ContentType"] = content_type
         r = await self._guarded("put", what, self.client.put_object, **kw)
@@ -371,14 +454,14 @@ class ObjectStore:
         return ObjectInfo(key=key, size=len(body), etag=str(r.get("ETag", "")).strip('"'),
                           mtime=0.0, metadata=dict(metadata or {}),
                           version_id=r.get("VersionId"),
-                          sse_c_md5=r.get("SSECustomerKeyMD5"))
+                          sse_c_md5=r.get("SSECustomerKeyMD5"), sse=r.get("ServerSideEncryption"))
 
     async def create_multipart(self, key: str, sse_key: Key | None,
                                metadata: dict[str, str] | None = None) -> str:
         what = self._what("CreateMultipartUpload", key)
         r = await self._guarded("create_multipart", what, self.client.create_multipart_upload,
                                 Bucket=self.bucket, Key=key, Metadata=metadata or {},
-                                **sse_c_params(sse_key))
+                                **self.write_params(sse_key))
         upload_id: str = r["UploadId"]
         try:
             self._check_echo(r, sse_key, what)
@@ -476,16 +559,16 @@ class ObjectStore:
             metadata = (await self.head(src, src_sse, src_version)).metadata
         if size == 0:
             return await self.put(dst, b"", dst_sse, metadata)
-        uses_sse_c = src_sse is not None or dst_sse is not None
-        if size <= MAX_SINGLE_COPY and (not uses_sse_c or self.caps.copy_object_sse_c
+        encrypted = src_sse is not None or dst_sse is not None or bool(self._provider)
+        if size <= MAX_SINGLE_COPY and (not encrypted or self.caps.copy_object_sse_c
                                         is not False):
             try:
                 return await self._copy_object(src, dst, src_sse, dst_sse, metadata, src_version)
             except FsError as e:
-                if not uses_sse_c or e.errno not in (errno.ENOTSUP, errno.EIO):
+                if not encrypted or e.errno not in (errno.ENOTSUP, errno.EIO):
                     raise
-                # 501 (RGW with an SSE-C source) or no encryption echoed (RGW with a plain
-                # source and an SSE-C target stores plaintext): never use CopyObject again
+                # 501 (RGW with an SSE-C or SSE-KMS source) or no encryption echoed (RGW with a
+                # plain source and an SSE-C target stores plaintext): never use CopyObject again
                 self.caps.copy_object_sse_c = False
                 log.info("server cannot CopyObject with SSE-C (%s); using multipart copy", e)
         same_key = (src_sse is None and dst_sse is None) or (
@@ -509,7 +592,7 @@ class ObjectStore:
         what = self._what("CopyObject", dst)
         r = await self._call("copy", what, self.client.copy_object, Bucket=self.bucket,
                              Key=dst, CopySource=source, Metadata=metadata,
-                             MetadataDirective="REPLACE", **sse_c_params(dst_sse),
+                             MetadataDirective="REPLACE", **self.write_params(dst_sse),
                              **sse_c_params(src_sse, copy_source=True))
         try:
             self._check_echo(r, dst_sse, what)
@@ -519,12 +602,13 @@ class ObjectStore:
             if src != dst or r.get("VersionId"):
                 await self._delete_quietly(dst, r.get("VersionId"))
             raise
-        if src_sse is not None or dst_sse is not None:
+        if src_sse is not None or dst_sse is not None or self._provider:
             self.caps.copy_object_sse_c = True
         res = r.get("CopyObjectResult", {})
         return ObjectInfo(key=dst, size=-1, etag=str(res.get("ETag", "")).strip('"'),
                           mtime=_ts(res.get("LastModified")), metadata=metadata,
-                          version_id=r.get("VersionId"), sse_c_md5=r.get("SSECustomerKeyMD5"))
+                          version_id=r.get("VersionId"), sse_c_md5=r.get("SSECustomerKeyMD5"),
+                          sse=r.get("ServerSideEncryption"))
 
     def _ranges(self, size: int) -> list[tuple[int, int, int]]:
         part = max(self.part_size, -(-size // 10000))

@@ -15,7 +15,9 @@
 #
 # Env knobs:
 #   RGW_SSEC_OVER_HTTP=1    set rgw_crypt_require_ssl=false (SSE-C also accepted on :7480)
-#   RGW_OBJECTSTORE=bluestore  use bluestore on a sparse file instead of memstore
+#   RGW_OBJECTSTORE=bluestore  use bluestore on a sparse file instead of memstore (the benchmark
+#                           does: its data set does not fit memstore's RAM; a running cluster
+#                           with the other objectstore is rebuilt when this is set)
 #   RGW_STORE_BYTES=8G      memstore capacity (RAM, used lazily, ~1.8 GB RSS per GiB stored) / bluestore file size (default 8G)
 #   RGW_HTTP_PORT=7480 RGW_HTTPS_PORT=7443
 #   RGW_ACCESS_KEY=s3ssefs-test RGW_SECRET_KEY=s3ssefs-test-secret RGW_UID=s3ssefs
@@ -81,7 +83,8 @@ all_up() {
   pid_alive "$DIR/run/mon.a.pid" && pid_alive "$DIR/run/osd.0.pid" && pid_alive "$DIR/run/client.rgw.a.pid"
 }
 C() { ceph -c "$CONF" --connect-timeout 20 "$@"; }
-RA() { radosgw-admin -c "$CONF" "$@"; }
+# bounded: a full or wedged cluster must fail the script, not hang the test session
+RA() { timeout 60 radosgw-admin -c "$CONF" "$@"; }
 
 write_env() {
   cat > "$DIR/env.sh" <<EOF
@@ -114,6 +117,11 @@ ensure_user() {
   RA user modify --uid="$RUID" --max-buckets=1000 >/dev/null
 }
 
+running_store() { sed -n 's/^osd_objectstore = //p' "$CONF" 2>/dev/null; }
+if all_up && [ -n "${RGW_OBJECTSTORE:-}" ] && [ "$(running_store)" != "$STORE" ]; then
+  log "running cluster uses $(running_store), $STORE asked for: rebuilding"
+  bash "$HERE/rgw-down.sh" "$DIR" >&2 || true
+fi
 if all_up; then
   log "cluster in $DIR already running (pids $(cat "$DIR"/run/*.pid | tr '\n' ' '))"
   ensure_user
@@ -201,7 +209,7 @@ admin_socket = $DIR/run/\$name.asok
 osd_data = $DIR/osd/ceph-\$id
 osd_objectstore = $STORE
 memstore_device_bytes = $BYTES
-bluestore_block_path = $DIR/osd/ceph-\$id/block
+bluestore_block_path = $DIR/osd/osd.\$id.block
 bluestore_block_size = $BYTES
 bluestore_block_create = true
 osd_max_object_size = 134217728

@@ -117,21 +117,50 @@ def proc_tree_cpu(pid: int) -> float | None:
     return total
 
 
-def load_rgw_env(state_dir: str | None) -> dict[str, str]:
-    """Run tests/rgw-up.sh (idempotent: reuses a running RGW) and parse its export lines."""
-    cmd = ["bash", str(REPO / "tests" / "rgw-up.sh")]
-    if state_dir:
-        cmd.append(state_dir)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"tests/rgw-up.sh failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+def parse_exports(text: str) -> dict[str, str]:
     env = {}
-    for ln in p.stdout.splitlines():
+    for ln in text.splitlines():
         ln = ln.strip()
         if ln.startswith("export ") and "=" in ln:
             k, v = ln[len("export "):].split("=", 1)
             env[k] = v.strip("'\"")
-    for k in ("S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CA_BUNDLE"):
+    return env
+
+
+def rgw_answers(env: dict[str, str]) -> bool:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        ctx = ssl.create_default_context(cafile=env["AWS_CA_BUNDLE"])
+        urllib.request.urlopen(env["S3_ENDPOINT"] + "/", timeout=10, context=ctx)
+    except urllib.error.HTTPError:
+        return True  # 403 for an anonymous request: it answers
+    except Exception:
+        return False
+    return True
+
+
+def load_rgw_env(state_dir: str | None, allow_up: bool) -> dict[str, str]:
+    """The env of the local RGW: its STATE_DIR/env.sh when that RGW answers, else (unless
+    --no-rgw-up) what tests/rgw-up.sh prints (it builds the RGW on a fresh machine)."""
+    sd = Path(state_dir or os.environ.get("S3SSEFS_RGW_DIR", "/tmp/s3ssefs-rgw"))
+    need = ("S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CA_BUNDLE")
+    env: dict[str, str] = {}
+    if (sd / "env.sh").is_file():
+        env = parse_exports((sd / "env.sh").read_text())
+        if all(k in env for k in need) and rgw_answers(env):
+            return env
+    if not allow_up:
+        sys.exit(f"no RGW answering (env {sd / 'env.sh'}) and --no-rgw-up given")
+    log("RGW not answering: running tests/rgw-up.sh")
+    p = subprocess.run(["bash", str(REPO / "tests" / "rgw-up.sh"), str(sd)], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        sys.exit(f"tests/rgw-up.sh failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    env = parse_exports(p.stdout)
+    for k in need:
         if k not in env:
             sys.exit(f"tests/rgw-up.sh printed no {k}")
     return env
@@ -174,8 +203,20 @@ class Procs:
 PROCS = Procs()
 
 
+def in_mount_table(mnt: Path) -> bool:
+    """From /proc/self/mountinfo: never touches the mount itself (a stat on a FUSE mount whose
+    daemon does not answer blocks until the daemon dies)."""
+    target = str(mnt)
+    with open("/proc/self/mountinfo") as f:
+        for ln in f:
+            parts = ln.split()
+            if len(parts) > 4 and parts[4].replace("\\040", " ") == target:
+                return True
+    return False
+
+
 def fuse_unmount(mnt: Path) -> None:
-    if not os.path.ismount(mnt):
+    if not in_mount_table(mnt):
         PROCS.mounts.discard(mnt)
         return
     for _ in range(5):
@@ -353,16 +394,73 @@ class System:
                                     stdin=subprocess.DEVNULL, cwd=self.dir)
         PROCS.mounts.add(self.mnt)
         t_end = time.monotonic() + self.mount_timeout
-        while not os.path.ismount(self.mnt):
+        what = "no mount"
+        while True:
             if self.proc.poll() is not None:
                 raise MountError(f"{self.name}: mount process exited with rc {self.proc.returncode}"
                                  f" (log {self.logf}):\n{tail(self.logf)}")
+            if in_mount_table(self.mnt):
+                # in the mount table is not enough: the daemon must answer (FUSE INIT, getattr)
+                what = "mounted but not answering stat"
+                probe = subprocess.Popen(["stat", "-c", "%i", str(self.mnt)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    if probe.wait(max(0.5, min(5.0, t_end - time.monotonic()))) == 0:
+                        return
+                except subprocess.TimeoutExpired:
+                    pass
+                finally:
+                    if probe.poll() is None:
+                        self.abort()  # releases the probe blocked in the kernel
+                        probe.kill()
+                        probe.wait()
+                        raise MountError(f"{self.name}: {what} after {self.mount_timeout:.0f} s "
+                                         f"(log {self.logf}):\n{tail(self.logf)}")
             if time.monotonic() > t_end:
-                self.unmount()
-                raise MountError(f"{self.name}: no mount at {self.mnt} after "
+                self.abort()
+                raise MountError(f"{self.name}: {what} at {self.mnt} after "
                                  f"{self.mount_timeout:.0f} s (log {self.logf}):\n"
                                  f"{tail(self.logf)}")
             time.sleep(0.1)
+
+    def abort(self) -> None:
+        """Hung or failed mount: kill the daemon by PID (which fails every pending request)
+        and detach the mount point."""
+        if self.proc is not None:
+            Procs.stop(self.proc, 3)
+        if in_mount_table(self.mnt):
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        PROCS.mounts.discard(self.mnt)
+        self.proc = None
+
+    def run(self, cmd: list[str], input: str | None = None,
+            what: str | None = None) -> tuple[float, str]:
+        """Run a command that works on the mount, with the step time limit.  If it does not
+        finish the mount is taken as hung: aborted (so the command is released), MountError.
+        Returns (wall seconds, stdout)."""
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(input, timeout=self.ctx.args.timeout)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            p.kill()
+            p.communicate()
+            raise MountError(f"{self.name}: {Path(cmd[0]).name} on the mount did not finish in "
+                             f"{self.ctx.args.timeout:.0f} s; mount aborted "
+                             f"(log {self.logf}):\n{tail(self.logf)}") from None
+        wall = time.monotonic() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{what or Path(cmd[0]).name} failed (rc {p.returncode}): "
+                               f"{(err or '').strip()[-1500:]} {(out or '').strip()[-300:]}")
+        return wall, out
+
+    def fsop(self, **spec) -> dict:
+        """A file operation on the mount, done by a child process (see fs_worker)."""
+        _, out = self.run([sys.executable, __file__, "--fs-worker"], json.dumps(spec),
+                          what=spec["op"])
+        return json.loads(out)
 
     def unmount(self) -> None:
         if not self.is_mount:
@@ -392,7 +490,7 @@ class System:
 
     def alive(self) -> bool:
         return not self.is_mount or (self.proc is not None and self.proc.poll() is None
-                                     and os.path.ismount(self.mnt))
+                                     and in_mount_table(self.mnt))
 
     def cpu(self) -> float | None:
         if self.proc is None:
@@ -534,27 +632,23 @@ DEFAULT_SYSTEMS = "s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,
 
 
 # --------------------------------------------------------------------------------- fio
-def fio(ctx: Ctx, args: list[str], jobfile: str | None = None) -> tuple[float, dict]:
-    """Run fio, return (wall seconds from exec to exit: includes open and close, fio's JSON)."""
+def fio(sysm: System, args: list[str], jobfile: str | None = None) -> tuple[float, dict]:
+    """Run fio on the mount; (wall seconds from exec to exit, so open and close included,
+    fio's JSON)."""
     cmd = ["fio", "--output-format=json"]
     if jobfile is not None:
-        jf = ctx.work / "job.fio"
+        jf = sysm.dir / "job.fio"
         jf.write_text(jobfile)
         cmd.append(str(jf))
     cmd += args
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx.args.timeout)
-    wall = time.monotonic() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"fio failed (rc {p.returncode}): {p.stderr.strip()[-1500:]}"
-                           f" {p.stdout.strip()[-500:]}")
+    wall, stdout = sysm.run(cmd)
     try:
-        out = json.loads(p.stdout[p.stdout.index("{"):])
+        out = json.loads(stdout[stdout.index("{"):])
     except ValueError:
         out = {}
     for job in out.get("jobs", []):
         if job.get("error"):
-            raise RuntimeError(f"fio job error {job['error']}: {p.stderr.strip()[-800:]}")
+            raise RuntimeError(f"fio job error {job['error']}")
     return wall, out
 
 
@@ -659,11 +753,11 @@ class Runner:
         with self.cpu_of("write", size / GiB) as box:
             t0 = time.monotonic()
             if self.sys.is_mount:
-                self.sys.path("bench").mkdir(exist_ok=True)
+                self.sys.fsop(op="mkdir", path=str(self.sys.path("bench")))
                 # create_on_open: one open(O_CREAT) then the writes, as cp/dd do (without it
                 # fio creates the file empty, closes it and reopens it: s3fs then takes another
                 # upload path, one that does send SSE-C on its multipart parts)
-                fio(ctx, ["--name=write", "--rw=write", "--bs=1M", f"--size={size}",
+                fio(self.sys, ["--name=write", "--rw=write", "--bs=1M", f"--size={size}",
                           "--create_on_open=1", f"--filename={self.sys.path(BIG)}", *FIO_COMMON])
                 t_close = time.monotonic()
                 t_dur = self.s3.wait_until(b, BIG, lambda ls: ls.get(BIG) == size,
@@ -692,7 +786,7 @@ class Runner:
         size = self.ctx.size
         with self.cpu_of((metric or "_").replace("_", "-"), size / GiB) as box:
             if self.sys.is_mount:
-                wall, _ = fio(self.ctx, ["--name=read", "--rw=read", "--bs=1M", f"--size={size}",
+                wall, _ = fio(self.sys, ["--name=read", "--rw=read", "--bs=1M", f"--size={size}",
                                          "--readonly", f"--filename={self.sys.path(BIG)}",
                                          *FIO_COMMON])
             else:
@@ -717,7 +811,7 @@ class Runner:
         n, size = self.ctx.rand_n, self.ctx.size
         with self.cpu_of((metric or "_").replace("_", "-"), None) as box:
             if self.sys.is_mount:
-                wall, out = fio(self.ctx, [
+                wall, out = fio(self.sys, [
                     "--name=rand", "--rw=randread", "--bs=4k", f"--size={size}",
                     f"--number_ios={n}", "--randrepeat=1", "--randseed=20261123",
                     "--norandommap", "--readonly", f"--filename={self.sys.path(BIG)}",
@@ -738,15 +832,11 @@ class Runner:
         with self.cpu_of("small", None) as box:
             t0 = time.monotonic()
             if self.sys.is_mount:
-                d = self.sys.path(SMALL_DIR)
-                d.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    try:
-                        os.write(fd, data)
-                    finally:
-                        os.close(fd)
-                t_close = time.monotonic()
+                self.sys.fsop(op="mkdir", path=str(self.sys.path(SMALL_DIR)))
+                t0 = time.monotonic()
+                r = self.sys.fsop(op="small", dir=str(self.sys.path(SMALL_DIR)), n=n,
+                                  data=base64.b64encode(data).decode())
+                t_close = t0 + r["wall"]
                 pre = SMALL_DIR + "/"
                 t_dur = self.s3.wait_until(
                     b, pre, lambda ls: sum(1 for k, v in ls.items()
@@ -765,13 +855,8 @@ class Runner:
         self.sys.cold()
         with self.cpu_of("ls", None) as box:
             if self.sys.is_mount:
-                t0 = time.monotonic()
-                p = subprocess.run(["ls", "-l", str(self.sys.path(SMALL_DIR))],
-                                   capture_output=True, text=True, timeout=ctx_timeout(self.ctx))
-                wall = time.monotonic() - t0
-                if p.returncode != 0:
-                    raise RuntimeError(f"ls -l failed: {p.stderr.strip()[:300]}")
-                got = sum(1 for ln in p.stdout.splitlines() if ln.startswith("-"))
+                wall, out = self.sys.run(["ls", "-l", str(self.sys.path(SMALL_DIR))])
+                got = sum(1 for ln in out.splitlines() if ln.startswith("-"))
             else:
                 r = self.sys.worker("list", prefix=SMALL_DIR + "/")
                 box["cpu"], wall, got = r["cpu"], r["wall"], r["count"]
@@ -787,7 +872,9 @@ class Runner:
         with self.cpu_of("rename", None) as box:
             t0 = time.monotonic()
             if self.sys.is_mount:
-                os.rename(self.sys.path(REN_SRC), self.sys.path(REN_DST))
+                r = self.sys.fsop(op="rename", src=str(self.sys.path(REN_SRC)),
+                                  dst=str(self.sys.path(REN_DST)))
+                t0 = time.monotonic() - r["wall"]  # the rename() call itself, not the child
                 t_ret = time.monotonic()
                 t_dur = self.s3.wait_until(
                     b, "bench/ren/",
@@ -801,7 +888,7 @@ class Runner:
         self.check_enc("renamed file", REN_DST)
 
     def w_par_read(self) -> None:
-        ctx, n, size = self.ctx, self.ctx.par_n, self.ctx.par_size
+        n, size = self.ctx.par_n, self.ctx.par_size
         keys = [f"{PAR_DIR}/r{i}.bin" for i in range(n)]
         log(f"  seeding {n} x {fmt_size(size)} with boto3")
         self.s3.seed_many(self.sys.bucket, keys, size)
@@ -812,15 +899,46 @@ class Runner:
                       f"invalidate=0\nsize={size}\n"
                 for i, k in enumerate(keys):
                     job += f"[r{i}]\nfilename={self.sys.path(k)}\n"
-                wall, _ = fio(ctx, ["--readonly"], jobfile=job)
+                wall, _ = fio(self.sys, ["--readonly"], jobfile=job)
             else:
                 r = self.sys.worker("par_get", keys=keys, size=size)
                 box["cpu"], wall = r["cpu"], r["wall"]
         self.m.values["par_read"] = n * size / MiB / wall
 
 
-def ctx_timeout(ctx: Ctx) -> float:
-    return ctx.args.timeout
+# --------------------------------------------------------------------------------- fs worker
+def fs_worker() -> None:
+    """Subprocess: one file operation on a mount (so that a hung mount cannot hang the
+    harness), timed inside; prints {"wall": s}."""
+    spec = json.loads(sys.stdin.read())
+    op = spec["op"]
+    t0 = time.monotonic()
+    if op == "mkdir":
+        os.makedirs(spec["path"], exist_ok=True)
+    elif op == "small":  # n files, one open-write-close each, as cp or tar would
+        data = base64.b64decode(spec["data"])
+        t0 = time.monotonic()
+        for i in range(spec["n"]):
+            fd = os.open(os.path.join(spec["dir"], f"f{i:05d}"),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+    elif op == "rename":
+        os.rename(spec["src"], spec["dst"])
+    else:
+        raise SystemExit(f"unknown op {op}")
+    print(json.dumps({"wall": time.monotonic() - t0}))
+
+
+def fs_worker_main() -> int:
+    try:
+        fs_worker()
+    except OSError as e:
+        print(f"{type(e).__name__}: [Errno {e.errno}] {e.strerror}: {e.filename}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------- boto3 worker
@@ -935,15 +1053,22 @@ def boto3_worker() -> None:
 
 
 # --------------------------------------------------------------------------------- main loop
-def run_system(ctx: Ctx, cls, run: int, workloads: list[str]) -> Measure:
+def run_system(ctx: Ctx, cls, run: int, workloads: list[str], out: list[Measure]) -> None:
+    """One run of one system; its Measure is appended to out first (kept if interrupted)."""
     if cls.name not in ctx.systems:
         ctx.systems[cls.name] = cls(ctx)
     sysm: System = ctx.systems[cls.name]
     m = Measure(sysm)
+    out.append(m)
     bucket = f"bench-{ctx.runid}-{sysm.name}-r{run}"
     sysm.bucket = bucket
-    ctx.s3.create_bucket(bucket)
     log(f"run {run} {sysm.name}: bucket {bucket}")
+    try:
+        ctx.s3.create_bucket(bucket)
+    except Exception as e:
+        m.errors.append(f"create bucket {bucket}: {type(e).__name__}: {e}")
+        log(f"  FAILED: cannot create bucket: {e}")
+        return
     r = Runner(ctx, sysm, m)
     try:
         try:
@@ -951,7 +1076,7 @@ def run_system(ctx: Ctx, cls, run: int, workloads: list[str]) -> Measure:
         except MountError as e:
             m.errors.append(str(e))
             log(f"  FAILED: {e}")
-            return m
+            return
         for w in workloads:
             if not sysm.alive():
                 m.errors.append(f"{w}: mount is gone (log {sysm.logf}):\n{tail(sysm.logf)}")
@@ -979,7 +1104,6 @@ def run_system(ctx: Ctx, cls, run: int, workloads: list[str]) -> Measure:
         sysm.unmount()
         if not ctx.args.keep:
             ctx.s3.delete_bucket(bucket)
-    return m
 
 
 def summarize(ctx: Ctx, names: list[str], per: dict[str, list[Measure]]) -> dict:
@@ -1100,10 +1224,11 @@ def report(ctx: Ctx, names: list[str], res: dict) -> None:
         for met in metrics(ctx):
             if met.key not in S[base]["metrics"]:
                 continue
-            rr.append([met.label, "x", *[f"{res['ratios'][n][met.key]:.2f}"
-                                         if met.key in res["ratios"].get(n, {}) else "-"
-                                         for n in others]])
-        print_table(rr, ["workload", "", *others])
+            unit = "x" if met.higher_better else "x (time inverted)"
+            rr.append([met.label, unit, *[f"{res['ratios'][n][met.key]:.2f}"
+                                          if met.key in res["ratios"].get(n, {}) else "-"
+                                          for n in others]])
+        print_table(rr, ["workload", "ratio", *others])
     elif base in S:
         print(f"\n(no ratios: {base} produced no figures)")
 
@@ -1144,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and "--boto3-worker" in sys.argv[1:]:
         boto3_worker()
         return 0
+    if argv is None and "--fs-worker" in sys.argv[1:]:
+        return fs_worker_main()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default=DEFAULT_SYSTEMS,
@@ -1173,8 +1300,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio-base", default="s3ssefs",
                     help="system the ratios are computed for (default s3ssefs)")
     ap.add_argument("--rgw-dir", help="state dir of tests/rgw-up.sh (default its own)")
+    ap.add_argument("--no-rgw-up", action="store_true",
+                    help="never run tests/rgw-up.sh (by default only when no RGW answers)")
     ap.add_argument("--workdir", help="parent of the temp dir (mount points, caches, logs)")
-    ap.add_argument("--timeout", type=float, default=1800,
+    ap.add_argument("--timeout", type=float, default=600,
                     help="per-step limit in seconds (fio, durability wait)")
     ap.add_argument("--keep", action="store_true",
                     help="keep buckets and the temp dir (keys, configs, logs) for debugging")
@@ -1199,7 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found (Debian: apt-get install {tool.replace('3', '')})")
 
-    rgw = load_rgw_env(args.rgw_dir)
+    rgw = load_rgw_env(args.rgw_dir, not args.no_rgw_up)
     env = dict(os.environ)
     env.update(rgw)
     os.environ.update(rgw)  # our own boto3 (checksum settings for Ceph 16, CA, credentials)
@@ -1229,7 +1358,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(1, args.runs + 1):
             order = names[(run - 1) % len(names):] + names[:(run - 1) % len(names)]
             for n in order:
-                per[n].append(run_system(ctx, SYSTEMS[n], run, workloads))
+                run_system(ctx, SYSTEMS[n], run, workloads, per[n])
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: cleaning up, reporting what was measured")
