@@ -275,8 +275,9 @@ def _decode_key_input(data: bytes) -> bytes:
     return raw
 
 
-def _s3_config(args: argparse.Namespace) -> MountConfig:
-    return MountConfig.from_options(args.bucket, None, _option_values(args))
+def _s3_config(args: argparse.Namespace, *, require_keyfile: bool = True) -> MountConfig:
+    return MountConfig.from_options(args.bucket, None, _option_values(args),
+                                    require_keyfile=require_keyfile)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -305,7 +306,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     from s3ssefs.store import ObjectStore
 
-    cfg = _s3_config(args)
+    cfg = _s3_config(args, require_keyfile=False)  # aborting uploads sends no key
     setup_logging(cfg.log_level, cfg.log_file)
     age = _parse_duration(args.older_than)
 

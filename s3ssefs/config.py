@@ -202,6 +202,8 @@ class MountConfig:
     request_timeout: float = 60.0
     retry_interval: float = 30.0
     sse: str = "c"
+    # not an option: commands that send no SSE-C request (cleanup) run without a key file
+    require_keyfile: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -219,7 +221,7 @@ class MountConfig:
                 raise ConfigError(
                     f"refusing plain-HTTP endpoint {self.endpoint}: SSE-C keys would cross the "
                     "network in clear (use https://, or allow_http for loopback tests)")
-        if self.sse == "c" and self.keyfile is None:
+        if self.sse == "c" and self.keyfile is None and self.require_keyfile:
             raise ConfigError("--keyfile is required (or sse=s3 / sse=kms:KEYID)")
         if self.as_of is not None:
             self.read_only = True
@@ -238,7 +240,7 @@ class MountConfig:
 
     @classmethod
     def from_options(cls, bucket_path: str, mountpoint: Path | None,
-                     values: dict[str, str]) -> MountConfig:
+                     values: dict[str, str], *, require_keyfile: bool = True) -> MountConfig:
         """Build from ``name → raw string`` (already split from ``-o`` or long options)."""
         bucket, _, prefix = bucket_path.strip("/").partition("/")
         kw: dict[str, Any] = {}
@@ -250,7 +252,8 @@ class MountConfig:
                 kw[name] = opt.parse(raw)
             except ConfigError as e:
                 raise ConfigError(f"option {name}: {e}") from None
-        return cls(bucket=bucket, prefix=prefix, mountpoint=mountpoint, **kw)
+        return cls(bucket=bucket, prefix=prefix, mountpoint=mountpoint,
+                   require_keyfile=require_keyfile, **kw)
 
 
 def split_o_options(items: Iterable[str]) -> dict[str, str]:

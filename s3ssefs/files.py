@@ -51,6 +51,7 @@ MAX_GET_BLOCKS = 8  # blocks per ranged GET
 READAHEAD_START = 4
 READAHEAD_MAX = 64
 PARTS_IN_FLIGHT = 4
+Buf = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -77,19 +78,19 @@ class BlockSource:
         self.cache = cache
         self.bs = block_size
         self.stats = stats
-        self.mem: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.mem: OrderedDict[tuple[str, int], Buf] = OrderedDict()
         self.mem_bytes = 0
         self.mem_max = mem_bytes
         self.inflight: dict[tuple[str, int], trio.Event] = {}
         self.nursery: trio.Nursery | None = None
 
-    def _mem_get(self, k: tuple[str, int]) -> bytes | None:
+    def _mem_get(self, k: tuple[str, int]) -> Buf | None:
         data = self.mem.get(k)
         if data is not None:
             self.mem.move_to_end(k)
         return data
 
-    def _mem_put(self, k: tuple[str, int], data: bytes) -> None:
+    def _mem_put(self, k: tuple[str, int], data: Buf) -> None:
         old = self.mem.pop(k, None)
         if old is not None:
             self.mem_bytes -= len(old)
@@ -102,13 +103,13 @@ class BlockSource:
     def nblocks(self, ref: ObjectRef) -> int:
         return math.ceil(ref.size / self.bs)
 
-    async def blocks(self, ref: ObjectRef, first: int, last: int) -> list[bytes]:
+    async def blocks(self, ref: ObjectRef, first: int, last: int) -> list[Buf]:
         """Blocks ``first..last`` (inclusive) of ``ref``; the last one may be short."""
         last = min(last, self.nblocks(ref) - 1)
         if last < first:
             return []
         cid = ref.cache_id
-        out: dict[int, bytes] = {}
+        out: dict[int, Buf] = {}
         for b in range(first, last + 1):
             data = self._mem_get((cid, b))
             if data is not None:
@@ -165,7 +166,8 @@ class BlockSource:
             data = await self.store.get_range(ref.s3key, start, end, ref.sse_key, ref.version_id)
             if len(data) != end - start:
                 raise FsError(errno.EIO, f"short read of {ref.s3key}: object changed?")
-            blocks = {b: data[(b - first) * self.bs:(b - first + 1) * self.bs]
+            view = memoryview(data)  # blocks share the GET's buffer: no copy per block
+            blocks = {b: view[(b - first) * self.bs:(b - first + 1) * self.bs]
                       for b in range(first, last + 1)}
             for b, d in blocks.items():
                 self._mem_put((cid, b), d)
@@ -176,9 +178,12 @@ class BlockSource:
         if self.nursery is not None:
             self.nursery.start_soon(self._cache_put, cid, blocks)
 
-    async def _cache_put(self, cid: str, blocks: dict[int, bytes]) -> None:
-        await trio.to_thread.run_sync(lambda: [self.cache.put(cid, b, d)
-                                               for b, d in blocks.items()])
+    async def _cache_put(self, cid: str, blocks: dict[int, Buf]) -> None:
+        try:
+            await trio.to_thread.run_sync(lambda: [self.cache.put(cid, b, d)
+                                                   for b, d in blocks.items()])
+        except Exception as e:  # only a cache: a failure costs a later GET, nothing more
+            log.debug("caching blocks failed: %s", e)
 
     def prefetch(self, ref: ObjectRef, first: int, last: int) -> None:
         """Start fetching blocks in the background; errors are left to the real read."""
@@ -190,9 +195,10 @@ class BlockSource:
             return
 
         async def run() -> None:
+            # a background task: nothing it meets may take the mount down
             try:
                 await self._ensure(ref, want)
-            except FsError as e:
+            except Exception as e:
                 log.debug("readahead of %s failed: %s", ref.s3key, e)
 
         self.nursery.start_soon(run)
@@ -273,7 +279,7 @@ class FileData:
             raise FsError(errno.EIO, f"spill block {b} of {self.node.path} corrupt") from None
         return got or b""
 
-    async def _base_blocks(self, first: int, last: int) -> dict[int, bytes]:
+    async def _base_blocks(self, first: int, last: int) -> dict[int, Buf]:
         """Base-object content of blocks ``first..last``, cut at ``base_valid``."""
         if self.base is None or first * self.bs >= self.base_valid:
             return {}
@@ -286,11 +292,11 @@ class FileData:
             out[b] = data if keep >= len(data) else data[:keep]
         return out
 
-    async def _blocks(self, first: int, last: int) -> list[bytes | bytearray]:
+    async def _blocks(self, first: int, last: int) -> list[Buf]:
         """Logical content of blocks ``first..last``, each exactly its extent long."""
         base_wanted = [b for b in range(first, last + 1) if b not in self.local]
         base = await self._base_blocks(min(base_wanted), max(base_wanted)) if base_wanted else {}
-        out: list[bytes | bytearray] = []
+        out: list[Buf] = []
         for b in range(first, last + 1):
             data = await self._local_block(b) if b in self.local else base.get(b, b"")
             ext = self._extent(b)
@@ -466,6 +472,9 @@ class FileData:
                 up.sent[p] = (etag, gen)
             except FsError as e:
                 up.error = e
+            except Exception as e:  # kept for flush to report as EIO; the mount lives on
+                log.error("upload of part %d of %s failed: %r", p + 1, up.s3key, e)
+                up.error = FsError(errno.EIO, f"part {p + 1}: {type(e).__name__}")
             finally:
                 up.running.pop(p, None)
                 self._part_slots.release()

@@ -37,6 +37,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 XATTRS = (b"user.s3ssefs.key", b"user.s3ssefs.version", b"user.s3ssefs.etag")
+S3_KEY_MAX = 1024
 SMALL_REWRITE = 1 << 20  # metadata changes of files up to this size re-PUT the bytes
 
 
@@ -102,6 +103,14 @@ class Filesystem(pyfuse3.Operations):
 
     def dirkey(self, path: str) -> str:
         return self.cfg.prefix + path + "/" if path else self.cfg.prefix
+
+    def _child(self, parent: Node, name: bytes) -> str:
+        """The path of ``name`` in ``parent``; ENAMETOOLONG past S3's 1024-byte key limit
+        (with room for a directory marker's slash)."""
+        path = join(parent.path, check_name(name))
+        if len(self.s3key(path).encode()) > S3_KEY_MAX - 1:
+            raise FsError(errno.ENAMETOOLONG, f"S3 key for {path!r} too long")
+        return path
 
     def metadata(self, node: Node) -> dict[str, str]:
         return merge_foreign(node.metadata, metadata_for(node.attrs))
@@ -217,7 +226,7 @@ class Filesystem(pyfuse3.Operations):
             return parent
         if name == "..":
             return self.inodes.find(parent.path.rpartition("/")[0]) or self.inodes.get(ROOT)
-        path = join(parent.path, name)
+        path = self._child(parent, name.encode())
         node = self.inodes.find(path)
         if node is not None and self._fresh(node):
             return node
@@ -260,7 +269,17 @@ class Filesystem(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None,
                      ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.get(parent_inode)
-        node = await self._lookup(parent, check_name(name))
+        try:
+            node = await self._lookup(parent, check_name(name))
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # a negative entry the kernel may keep for the TTL: `cp`'s stat and its
+            # open(O_CREAT) then cost one lookup, not two
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.ttl
+            return neg
         node.lookups += 1
         return node.entry(self.ttl)
 
@@ -509,7 +528,7 @@ class Filesystem(pyfuse3.Operations):
                     ) -> pyfuse3.EntryAttributes:
         self._check_writable()
         parent = self.inodes.get(parent_inode)
-        path = join(parent.path, check_name(name))
+        path = self._child(parent, name)
         now = _now_ns()
         attrs = Attrs(mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=ctx.uid,
                       gid=self._new_gid(parent, ctx), size=0, mtime_ns=now, ctime_ns=now)
@@ -521,6 +540,7 @@ class Filesystem(pyfuse3.Operations):
         node.fetched = time.monotonic()
         node.lookups += 1
         self.inodes.listing_add(path, True)
+        self.inodes.remember_listing(path, {})  # new and empty: names in it need no lookup
         return node.entry(self.ttl)
 
     def _new_gid(self, parent: Node, ctx: Any) -> int:
@@ -569,7 +589,7 @@ class Filesystem(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_writable()
         parent = self.inodes.get(parent_inode)
-        path = join(parent.path, check_name(name))
+        path = self._child(parent, name)
         now = _now_ns()
         attrs = Attrs(mode=stat.S_IFREG | stat.S_IMODE(mode), uid=ctx.uid,
                       gid=self._new_gid(parent, ctx), size=0, mtime_ns=now, ctime_ns=now)
@@ -688,7 +708,7 @@ class Filesystem(pyfuse3.Operations):
         old_parent = self.inodes.get(parent_inode_old)
         new_parent = self.inodes.get(parent_inode_new)
         node = await self._lookup(old_parent, check_name(name_old))
-        new_path = join(new_parent.path, check_name(name_new))
+        new_path = self._child(new_parent, name_new)
         if new_path == node.path:
             return
         if node.is_dir and (new_path + "/").startswith(node.path + "/"):
@@ -781,7 +801,7 @@ class Filesystem(pyfuse3.Operations):
                       ) -> pyfuse3.EntryAttributes:
         self._check_writable()
         parent = self.inodes.get(parent_inode)
-        path = join(parent.path, check_name(name))
+        path = self._child(parent, name)
         now = _now_ns()
         attrs = Attrs(mode=stat.S_IFLNK | 0o777, uid=ctx.uid, gid=self._new_gid(parent, ctx),
                       size=len(target), mtime_ns=now, ctime_ns=now)
@@ -810,7 +830,7 @@ class Filesystem(pyfuse3.Operations):
                     ) -> pyfuse3.EntryAttributes:
         self._check_writable()
         parent = self.inodes.get(parent_inode)
-        path = join(parent.path, check_name(name))
+        path = self._child(parent, name)
         now = _now_ns()
         attrs = Attrs(mode=mode, uid=ctx.uid, gid=self._new_gid(parent, ctx), size=0,
                       mtime_ns=now, ctime_ns=now, rdev=rdev)

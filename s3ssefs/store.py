@@ -54,6 +54,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.exceptions import HTTPError
 
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
@@ -149,6 +150,20 @@ def s3_client(cfg: MountConfig) -> Any:
     return session.client("s3", endpoint_url=cfg.endpoint, config=config, verify=verify)
 
 
+class RequestAbandoned(Exception):
+    """Raised inside a worker thread whose call the caller has given up on."""
+
+
+_call_state = threading.local()
+BODY_ATTEMPTS = 3
+
+
+def _refuse_abandoned(**_: Any) -> None:
+    ev = getattr(_call_state, "abandoned", None)
+    if ev is not None and ev.is_set():
+        raise RequestAbandoned("the caller gave up on this request")
+
+
 def _ts(value: Any) -> float:
     return value.timestamp() if isinstance(value, datetime) else 0.0
 
@@ -203,20 +218,31 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ set-up
     def _make_client(self) -> Any:
-        return s3_client(self.cfg)
+        client = s3_client(self.cfg)
+        # botocore retries inside the worker thread; once we gave up on a call (deadline),
+        # a late attempt must not reach the server (a late PUT could overwrite newer data)
+        client.meta.events.register("before-send.s3", _refuse_abandoned)
+        return client
 
     # ------------------------------------------------------------------ the one call path
     async def _call(self, kind: str, what: str, fn: Callable[..., T], /, **kw: Any) -> T:
         """Run one boto3 call in a worker thread, with deadline, stats and error mapping."""
 
+        abandoned = threading.Event()
+
         def run() -> T:
-            return fn(**kw)
+            _call_state.abandoned = abandoned
+            try:
+                return fn(**kw)
+            finally:
+                _call_state.abandoned = None
 
         try:
             with trio.fail_after(self.cfg.request_timeout):
                 resp = await trio.to_thread.run_sync(run, limiter=self.limiter,
                                                      abandon_on_cancel=True)
         except trio.TooSlowError:
+            abandoned.set()
             self.stats.error(kind)
             log.warning("%s: no answer within %.0fs [EIO]", what, self.cfg.request_timeout)
             raise FsError(errno.EIO, f"{what}: timed out") from None
@@ -229,13 +255,14 @@ class ObjectStore:
             raise FsError(errno.EACCES, f"{what}: no S3 credentials found") from None
         except SSLError as e:
             self.stats.error(kind)
-            raise FsError(errno.EIO, f"{what}: TLS failure ({type(e).__name__}); "
-                          "check ca_bundle") from None
+            hint = "; check ca_bundle" if "CERTIFICATE_VERIFY_FAILED" in str(e) else ""
+            raise FsError(errno.EIO, f"{what}: TLS failure{hint}") from None
         except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
                 ConnectionClosedError) as e:
             self.stats.error(kind)
             raise FsError(errno.EIO, f"{what}: {type(e).__name__}") from None
-        except BotoCoreError as e:
+        except (BotoCoreError, HTTPError, OSError) as e:
+            # includes a body cut off mid-read (urllib3 ProtocolError) after our own retries
             self.stats.error(kind)
             raise FsError(errno.EIO, f"{what}: {type(e).__name__}") from None
         meta = resp.get("ResponseMetadata", {}) if isinstance(resp, dict) else {}
@@ -316,7 +343,19 @@ class ObjectStore:
                 r["Data"] = body.read()
             return r
 
-        r = await self._guarded("get", self._what("GET", key), get, **kw)
+        def get_retrying(**kw2: Any) -> dict[str, Any]:
+            for attempt in range(BODY_ATTEMPTS):
+                try:
+                    return get(**kw2)
+                except (HTTPError, BotoCoreError, OSError) as e:
+                    if isinstance(e, ClientError | SSLError) or attempt + 1 == BODY_ATTEMPTS:
+                        raise
+                    log.debug("GET %s: body cut off (%s), retrying", kw2["Key"],
+                              type(e).__name__)
+                    self.stats.add("retries")
+            raise AssertionError("unreachable")
+
+        r = await self._guarded("get", self._what("GET", key), get_retrying, **kw)
         data: bytes = r["Data"]
         self.stats.request("get_bytes", down=len(data))
         return data

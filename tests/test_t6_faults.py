@@ -189,8 +189,6 @@ def test_reads_complete_through_resets_503_and_short_stalls(
 
 
 @pytest.mark.allow_warnings
-@pytest.mark.xfail(strict=True, reason="BUG: urllib3 ProtocolError (IncompleteRead) from a "
-                   "GET body read escapes store._call: 'internal error in read [EIO]', no retry")
 def test_read_survives_reset_mid_body(proxy: FaultProxy, bucket: str, mount_factory: Any,
                                       s3: Any, key: Key) -> None:
     """A connection reset in the middle of a GET's body (after the 200 and part of the
@@ -210,9 +208,6 @@ def test_read_survives_reset_mid_body(proxy: FaultProxy, bucket: str, mount_fact
 
 
 @pytest.mark.allow_warnings
-@pytest.mark.xfail(strict=True, reason="BUG: a reset during a readahead GET body raises "
-                   "urllib3 ProtocolError out of BlockSource.prefetch into the main nursery: "
-                   "the daemon dies (mount ENOTCONN, dirty spill data lost)")
 def test_reset_during_readahead_keeps_daemon_alive(proxy: FaultProxy, bucket: str,
                                                    mount_factory: Any, s3: Any, key: Key) -> None:
     size = 24 << 20
@@ -413,8 +408,6 @@ def test_kill_9_during_multipart_upload(mnt: Mounted, bucket: str, s3: Any, key:
     assert sorted(os.listdir(mnt.path)) == sorted(small)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `s3ssefs cleanup` refuses to run without "
-                   "--keyfile, though aborting uploads needs no SSE-C key")
 def test_cleanup_needs_no_keyfile(bucket: str, s3: Any, rgw: Rgw) -> None:
     s3.create_multipart_upload(Bucket=bucket, Key="left-over")
     r = cli("cleanup", bucket, "--older-than", "0", "--endpoint", rgw.endpoint,
@@ -552,9 +545,6 @@ def test_names_posix_cannot_hold(mnt: Mounted, bucket: str, s3: Any, key: Key) -
 
 
 @pytest.mark.allow_warnings
-@pytest.mark.xfail(strict=True, reason="BUG: a path whose S3 key passes 1024 bytes: RGW's 400 "
-                   "to the HEAD becomes EACCES 'no key opens', the node looks locked and "
-                   "mkdir/create answer EEXIST instead of ENAMETOOLONG")
 def test_path_longer_than_s3_key_limit(mnt: Mounted, bucket: str, s3: Any) -> None:
     deep = mnt.path
     err = None
