@@ -38,9 +38,8 @@ from s3ssefs.crypto import LocalCipher
 from s3ssefs.errors import FsError, MountError
 from s3ssefs.files import BlockSource, Ctx
 from s3ssefs.fs import Filesystem
-from s3ssefs.keyring import KeyRing
-from s3ssefs.keys import KeyFile, KeyFileError
-from s3ssefs.logsetup import register_secret
+from s3ssefs.keyring import KeyRing, load_keyfile
+from s3ssefs.keys import KeyFile
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
 from s3ssefs.view import AsOfView, LiveView
@@ -101,13 +100,7 @@ def load_keys(cfg: MountConfig) -> KeyFile | None:
     if cfg.sse != "c":
         return None
     assert cfg.keyfile is not None
-    try:
-        kf = KeyFile.load(cfg.keyfile)
-    except KeyFileError as e:
-        raise MountError(str(e)) from None
-    for k in kf.keys.values():
-        register_secret(k.raw)
-    return kf
+    return load_keyfile(cfg.keyfile)
 
 
 async def preflight(store: ObjectStore, cfg: MountConfig) -> None:

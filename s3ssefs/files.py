@@ -38,6 +38,7 @@ from s3ssefs.cache import BlockCache
 from s3ssefs.crypto import CorruptBlock, LocalCipher
 from s3ssefs.errors import FsError
 from s3ssefs.keys import Key
+from s3ssefs.meta import CTIME, MTIME
 from s3ssefs.spill import Spill
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectInfo, ObjectStore
@@ -232,9 +233,17 @@ class _Upload:
     s3key: str
     upload_id: str
     sse_key: Key | None
+    meta: dict[str, str]  # what it was created with (no times: see _upload_meta)
     sent: dict[int, tuple[str, int]] = field(default_factory=dict)  # part → (etag, gen)
     running: dict[int, trio.Event] = field(default_factory=dict)
     error: FsError | None = None
+
+
+def _upload_meta(meta: dict[str, str]) -> dict[str, str]:
+    """Metadata for a streamed upload, created while the program is still writing: without
+    mtime/ctime, which are not known yet; S3's LastModified (the completion, about close()
+    time) stands in for them, as s3fs also reads it."""
+    return {k: v for k, v in meta.items() if k not in (MTIME, CTIME)}
 
 
 class FileData:
@@ -431,7 +440,9 @@ class FileData:
         if self.size <= self.ctx.multipart_threshold and self.upload is None:
             return
         last_full = written_to // self.ps - 1
-        for p in range(0, last_full + 1):
+        # only the parts just behind the writer: a sequential writer completes them in order,
+        # and any other part is sent at flush (scanning from part 0 would cost O(parts) a write)
+        for p in range(max(0, last_full - 1), last_full + 1):
             up = self.upload
             gen = self.part_gen.get(p)
             if gen is None:
@@ -447,9 +458,10 @@ class FileData:
         if self.upload is None:
             key = self.ctx.write_key()
             s3key = self.ctx.s3key(self.node.path)
-            uid = await self.ctx.store.create_multipart(s3key, key, self.ctx.metadata(self.node))
+            meta = _upload_meta(self.ctx.metadata(self.node))
+            uid = await self.ctx.store.create_multipart(s3key, key, meta)
             if self.upload is None:
-                self.upload = _Upload(s3key, uid, key)
+                self.upload = _Upload(s3key, uid, key, meta)
             else:  # another task created one meanwhile
                 await self.ctx.store.abort_multipart(s3key, uid)
         return self.upload
@@ -554,7 +566,10 @@ class FileData:
         info = await self.ctx.store.complete_multipart(
             s3key, up.upload_id, [(p + 1, etags[p]) for p in range(nparts)], key)
         self.upload = None
-        if not info.etag:  # RGW answers some completions without an ETag
+        final = _upload_meta(meta)
+        if final != up.meta:  # chmod/chown while it was being written: rewrite in place
+            info = await self.ctx.store.copy(s3key, s3key, key, key, final, self.size)
+        if not info.etag:  # RGW answers some completions and copies without an ETag
             info = await self.ctx.store.head(s3key, key)
         return info
 

@@ -351,8 +351,7 @@ class Filesystem(pyfuse3.Operations):
         """Write changed attributes: with the data if it is dirty, else rewrite the metadata
         server-side (or re-PUT a small object)."""
         if node.data is not None and node.data.dirty:
-            node.data.meta_changed = True
-            return
+            return  # the upload at flush carries the new attributes
         if not node.remote:
             return
         meta = self.metadata(node)
@@ -655,15 +654,12 @@ class Filesystem(pyfuse3.Operations):
         data = node.data
         if data is None:
             return
-        meta_changed = getattr(data, "meta_changed", False)
         try:
             await data.flush()
         except FsError as e:
             log.error("upload of s3://%s/%s failed, data kept locally for retry: %s",
                       self.store.bucket, self.s3key(node.path), e)
             raise FsError(errno.EIO, str(e)) from None
-        if meta_changed:
-            data.meta_changed = False
         self.keyring.learn(self.s3key(node.path), node.sse_key, node.etag)
         self.inodes.listing_add(node.path, False, data.size)
 

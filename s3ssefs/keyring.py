@@ -20,13 +20,26 @@ import os
 import threading
 from pathlib import Path
 
-from s3ssefs.errors import FsError
-from s3ssefs.keys import Key, KeyFile
+from s3ssefs.errors import FsError, MountError
+from s3ssefs.keys import Key, KeyFile, KeyFileError
+from s3ssefs.logsetup import register_secret
 from s3ssefs.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
 PLAIN = ""  # learned "key id" of an object stored without SSE-C
+
+
+def load_keyfile(path: Path) -> KeyFile:
+    """Load a key file for use (mount, rekey): one clear line if it is bad, and every key's
+    printable forms registered so no log line can carry them."""
+    try:
+        kf = KeyFile.load(path)
+    except KeyFileError as e:
+        raise MountError(str(e)) from None
+    for k in kf.keys.values():
+        register_secret(k.raw)
+    return kf
 
 
 class KeyRing:

@@ -29,9 +29,8 @@ import trio
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError, MountError
-from s3ssefs.keyring import KeyRing
-from s3ssefs.keys import Key, KeyFile, KeyFileError
-from s3ssefs.logsetup import register_secret
+from s3ssefs.keyring import KeyRing, load_keyfile
+from s3ssefs.keys import Key, KeyFile
 from s3ssefs.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -141,12 +140,7 @@ async def rekey(cfg: MountConfig, keyfile: KeyFile, target: Key, *, dry_run: boo
 def run_rekey(cfg: MountConfig, to_key: str | None, dry_run: bool, jobs: int) -> int:
     if cfg.keyfile is None:
         raise MountError("rekey needs --keyfile")
-    try:
-        keyfile = KeyFile.load(cfg.keyfile)
-    except KeyFileError as e:
-        raise MountError(str(e)) from None
-    for k in keyfile.keys.values():
-        register_secret(k.raw)
+    keyfile = load_keyfile(cfg.keyfile)
     target = keyfile.by_id(to_key) if to_key else keyfile.current_key
     if target is None:
         raise MountError(f"no key {to_key!r} in {cfg.keyfile}")

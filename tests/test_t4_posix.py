@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -845,3 +846,22 @@ def test_no_plaintext_in_cache_or_spill(mnt: Any) -> None:
     mnt.mount()
     f.unlink()
 
+
+
+def test_chmod_while_a_large_file_is_written(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """A mode change made while a multipart upload is streaming is not lost, and the stored
+    mtime is about when the file was closed (not when its upload began)."""
+    f = mnt.path / "growing.bin"
+    data = pattern(2 * PS + BS, 31)
+    with open(f, "wb") as h:
+        h.write(data[:PS + BS])  # the first part is on its way
+        os.fchmod(h.fileno(), 0o600)
+        h.write(data[PS + BS:])
+    closed = time.time()
+    meta = s3meta(s3, bucket, "growing.bin", key)
+    assert meta["mode"] == str(stat.S_IFREG | 0o600), meta
+    mnt.remount()
+    st = os.stat(mnt.path / "growing.bin")
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert abs(st.st_mtime - closed) < 30
+    assert sha_file(mnt.path / "growing.bin") == sha(data)

@@ -691,3 +691,57 @@ def test_peak_rss(bucket: str, mount_factory: Any, s3: Any, key: Key, tmp_path: 
           f"{n} objects {after_list:.0f} MiB ({t_ls:.1f}s; puts took {t_put:.1f}s); after cp "
           f"of 512 MiB {after_cp:.0f} MiB ({t_cp:.1f}s, {512 / t_cp:.0f} MiB/s)")
     os.unlink(m.path / "big.bin")
+
+
+# --- local resource limits ----------------------------------------------------------------------
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.allow_warnings  # the cache says once that the disk is full
+def test_cache_dir_on_a_small_tmpfs_that_fills_up(
+        bucket: str, s3: Any, key: Key, mount_factory: Any, tmp_path: Path) -> None:
+    """The cache dir on a 24 MiB tmpfs: a 40 MiB object still reads back exactly (the cache
+    drops what does not fit and stays within its bound); a 64 MiB write either succeeds or
+    fails with ENOSPC, and what reaches the bucket is never corrupt; the mount keeps working."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(tiny)], check=True)
+    try:
+        body = os.urandom(40 << 20)
+        s3.put_object(Bucket=bucket, Key="seeded.bin", Body=body,
+                      SSECustomerAlgorithm="AES256", SSECustomerKey=key.raw)
+        m = mount_factory(bucket, "--cache-dir", str(tiny), "--cache-size", "8M")
+        got = (m.path / "seeded.bin").read_bytes()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+        assert _tree_bytes(tiny) <= (8 << 20) + (1 << 20)  # the bound, plus one block in flight
+
+        big = os.urandom(64 << 20)
+        written = 0
+        failed = None
+        try:
+            with open(m.path / "big.bin", "wb") as f:
+                for off in range(0, len(big), 1 << 20):
+                    f.write(big[off:off + (1 << 20)])
+                    written = off + (1 << 20)
+        except OSError as e:
+            failed = e.errno
+        assert failed in (None, errno.ENOSPC), f"unexpected errno {failed}"
+        try:
+            stored = s3.get_object(Bucket=bucket, Key="big.bin", SSECustomerAlgorithm="AES256",
+                                   SSECustomerKey=key.raw)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            stored = b""
+        if failed is None:
+            assert stored == big
+        else:  # never corrupt: whatever landed is what the program wrote, from the start
+            assert stored == big[:len(stored)]
+            assert len(stored) >= min(written, len(stored))
+
+        (m.path / "after.txt").write_bytes(b"still works")
+        assert (m.path / "after.txt").read_bytes() == b"still works"
+        m.umount()
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], capture_output=True)
