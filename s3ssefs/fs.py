@@ -453,8 +453,8 @@ class Filesystem(pyfuse3.Operations):
                 name = o.key[len(prefix):]
                 if o.key == prefix or not self._valid_name(name, o.key):
                     continue
-                if name in dirs or (self.inodes.find(join(dpath, name)) is not None and \
-                        self.inodes.find(join(dpath, name)).is_dir):  # type: ignore[union-attr]
+                known = self.inodes.find(join(dpath, name))
+                if name in dirs or (known is not None and known.is_dir):
                     log.info("s3://%s/%s: a file and a directory share this name; "
                              "showing the directory", self.store.bucket, o.key)
                     continue

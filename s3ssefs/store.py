@@ -212,7 +212,6 @@ class ObjectStore:
         self.caps = Capabilities()
         self.limiter = trio.CapacityLimiter(cfg.max_requests)
         self.part_size = cfg.part_size
-        self._client_lock = threading.Lock()
         self._provider = provider_params(cfg.sse)
         self.client = self._make_client()
 
@@ -431,12 +430,7 @@ class ObjectStore:
         try:
             return self._echo_problem(r, None)
         finally:
-            try:
-                await self._call("delete", self._what("DELETE", name), self.client.delete_object,
-                                 Bucket=self.bucket, Key=name,
-                                 **({"VersionId": r["VersionId"]} if r.get("VersionId") else {}))
-            except FsError as e:
-                log.error("could not delete probe object s3://%s/%s: %s", self.bucket, name, e)
+            await self._delete_quietly(name, r.get("VersionId"))
 
     # ------------------------------------------------------------------ writes
     def write_params(self, sse_key: Key | None) -> dict[str, Any]:
