@@ -100,6 +100,10 @@ class BlockCache:
     def _path(self, key: _Key) -> Path:
         return self.directory / self._cipher.name_for(key[0], str(key[1]))
 
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            return key in self._index
+
     def get(self, object_id: str, block_no: int) -> bytes | None:
         """The block's plaintext, or None on a miss (corrupt or vanished files count as one)."""
         key = (object_id, block_no)

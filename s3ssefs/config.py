@@ -149,6 +149,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_file", Path, "log here instead of stderr/syslog", metavar="PATH"),
     Option("attr_ttl", _nonneg_float, "seconds attributes are cached", metavar="SECONDS"),
     Option("dir_ttl", _nonneg_float, "seconds directory listings are cached", metavar="SECONDS"),
+    Option("readahead", parse_size, "kernel readahead on the mount (root only; 0: leave it)",
+           metavar="SIZE"),
     Option("block_size", parse_size, "read block size (ranged GET unit)", metavar="SIZE"),
     Option("part_size", parse_size, "multipart upload part size (>= 5M)", metavar="SIZE"),
     Option("multipart_threshold", parse_size, "files larger than this upload as multipart",
@@ -158,6 +160,8 @@ OPTIONS: tuple[Option, ...] = (
            "seconds before a request that keeps failing returns EIO", metavar="SECONDS"),
     Option("retry_interval", _nonneg_float,
            "seconds between retries of uploads that failed at close", metavar="SECONDS"),
+    Option("boto3_only", parse_bool,
+           "send every request through boto3 (no lean path for HEAD, GET and PUT)", flag=True),
     Option("sse", _sse, "encryption for writes: c (key file), s3 or kms:KEYID", metavar="MODE"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -195,12 +199,14 @@ class MountConfig:
     log_file: Path | None = None
     attr_ttl: float = 10.0
     dir_ttl: float = 10.0
+    readahead: int = 1 << 20
     block_size: int = 1 << 20
     part_size: int = 16 << 20
     multipart_threshold: int = 16 << 20
     max_requests: int = 16
     request_timeout: float = 60.0
     retry_interval: float = 30.0
+    boto3_only: bool = False
     sse: str = "c"
     # not an option: commands that send no SSE-C request (cleanup) run without a key file
     require_keyfile: bool = field(default=True, repr=False)

@@ -154,6 +154,42 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def set_kernel_readahead(mountpoint: Path, size: int) -> None:
+    """Ask the kernel to read ahead ``size`` bytes on this mount.
+
+    A FUSE mount's backing device starts with the kernel's 128 KiB readahead, so a sequential
+    reader reaches us as 128 KiB requests, one or two at a time; at 1 MiB the kernel sends
+    1 MiB requests (the FUSE maximum) and keeps several in flight, which doubled cold
+    sequential reads in our measurement.  Only root may change it; otherwise we say so once.
+    The device is found in mountinfo (a stat() of the mount point would call into this very
+    process before its loop runs).
+    """
+    if size <= 0:
+        return
+    dev = None
+    target = str(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
+                    dev = fields[2]  # the last mount there wins: ours is the newest
+    except OSError:
+        return
+    if dev is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{max(4, size >> 10)}\n")
+    except OSError as e:
+        log.info("kernel readahead left at its default (%s); reads use 128 KiB requests",
+                 e.strerror or e)
+
+
 class Mount:
     """One running mount: the objects, the FUSE session, the control socket."""
 
@@ -241,6 +277,7 @@ class Mount:
     async def run(self, ready_fd: int | None) -> int:
         await preflight(self.store, self.cfg)
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
+        set_kernel_readahead(self.mountpoint, self.cfg.readahead)
         registry = runtime_dir() / f"{self.id}.json"
         try:
             async with trio.open_nursery() as n:

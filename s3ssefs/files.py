@@ -4,7 +4,7 @@ Reading (:class:`BlockSource`): an object is read in fixed-size blocks.  A block
 small in-memory LRU, else from the encrypted on-disk :class:`~s3ssefs.cache.BlockCache`, else
 from S3 — consecutive missing blocks in one ranged GET, several GETs in flight, and a block
 being fetched for one reader is awaited, not fetched again, by another.  While a file is read
-sequentially the readahead window doubles (4 → 64 blocks); a random read fetches only what it
+sequentially the readahead window doubles (4 → 64 MiB); a random read fetches only what it
 needs.  Fetched blocks go to the disk cache from a worker thread, off the read's path.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
@@ -48,9 +48,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_GET_BLOCKS = 8  # blocks per ranged GET
-READAHEAD_START = 4
-READAHEAD_MAX = 64
+# in bytes, so they hold whatever the block size: one ranged GET fetches at most MAX_GET
+# bytes; a sequential reader's window starts at READAHEAD_START and doubles to READAHEAD_MAX
+MAX_GET = 8 << 20
+# a random read of a block we do not have fetches only the FRAGMENT-aligned bytes around it
+# (a 4 KiB read costs a 64 KiB GET, not a whole block: less for the server to decrypt and
+# send); fragments stay in a small memory LRU, so reading the same places again is local
+FRAGMENT = 64 << 10
+FRAGMENT_MEM = 64 << 20
+READAHEAD_START = 4 << 20
+READAHEAD_MAX = 64 << 20
 PARTS_IN_FLIGHT = 4
 Buf = bytes | bytearray | memoryview
 
@@ -82,6 +89,9 @@ class BlockSource:
         self.mem: OrderedDict[tuple[str, int], Buf] = OrderedDict()
         self.mem_bytes = 0
         self.mem_max = mem_bytes
+        self.max_get_blocks = max(1, MAX_GET // block_size)
+        self.frags: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.frag_bytes = 0
         self.inflight: dict[tuple[str, int], trio.Event] = {}
         self.nursery: trio.Nursery | None = None
 
@@ -146,7 +156,7 @@ class BlockSource:
             todo = [b for b in todo if b not in hits and (cid, b) not in self.inflight]
         runs: list[tuple[int, int]] = []
         for b in todo:
-            if runs and runs[-1][1] == b - 1 and b - runs[-1][0] < MAX_GET_BLOCKS:
+            if runs and runs[-1][1] == b - 1 and b - runs[-1][0] < self.max_get_blocks:
                 runs[-1] = (runs[-1][0], b)
             else:
                 runs.append((b, b))
@@ -208,6 +218,43 @@ class BlockSource:
         cid = ref.cache_id
         for k in [k for k in self.mem if k[0] == cid]:
             self.mem_bytes -= len(self.mem.pop(k))
+        for k in [k for k in self.frags if k[0] == cid]:
+            self.frag_bytes -= len(self.frags.pop(k))
+
+    def have_block(self, ref: ObjectRef, b: int) -> bool:
+        """Block ``b`` is in memory, on its way, or in the disk cache."""
+        k = (ref.cache_id, b)
+        return k in self.mem or k in self.inflight or k in self.cache
+
+    async def fragments(self, ref: ObjectRef, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``ref`` (inside one block) for a random read: from the
+        fragment LRU, else one GET of the missing FRAGMENT-aligned span."""
+        cid = ref.cache_id
+        first, last = start // FRAGMENT, (end - 1) // FRAGMENT
+        have = {f: self.frags.get((cid, f)) for f in range(first, last + 1)}
+        missing = [f for f, d in have.items() if d is None]
+        if missing:
+            lo, hi = missing[0] * FRAGMENT, min((missing[-1] + 1) * FRAGMENT, ref.size)
+            data = await self.store.get_range(ref.s3key, lo, hi, ref.sse_key, ref.version_id)
+            if len(data) != hi - lo:
+                raise FsError(errno.EIO, f"short read of {ref.s3key}: object changed?")
+            self.stats.add("fragment_gets")
+            for f in range(missing[0], missing[-1] + 1):
+                piece = bytes(data[(f - missing[0]) * FRAGMENT:(f - missing[0] + 1) * FRAGMENT])
+                have[f] = piece
+                self._frag_put((cid, f), piece)
+        for f in have:
+            self.frags.move_to_end((cid, f))
+        joined = b"".join(have[f] or b"" for f in range(first, last + 1))
+        return joined[start - first * FRAGMENT:end - first * FRAGMENT]
+
+    def _frag_put(self, k: tuple[str, int], data: bytes) -> None:
+        old = self.frags.pop(k, None)
+        self.frag_bytes += len(data) - (len(old) if old is not None else 0)
+        self.frags[k] = data
+        while self.frag_bytes > FRAGMENT_MEM and self.frags:
+            _, ev = self.frags.popitem(last=False)
+            self.frag_bytes -= len(ev)
 
 
 @dataclass
@@ -258,7 +305,8 @@ class FileData:
         self.size = base.size if base else 0
         self.base_valid = self.size
         self.spill: Spill | None = None
-        self.mem: OrderedDict[int, bytearray] = OrderedDict()  # blocks being written
+        # blocks being written: a bytearray, or the FUSE write's own buffer for a whole block
+        self.mem: OrderedDict[int, Buf] = OrderedDict()
         self.mem_max = self.ps // self.bs + 2
         self.local: set[int] = set()  # blocks whose content is ours (mem or spill)
         self.part_gen: dict[int, int] = {}
@@ -276,7 +324,7 @@ class FileData:
         """Bytes of block ``b`` inside the file."""
         return max(0, min(self.bs, self.size - b * self.bs))
 
-    async def _local_block(self, b: int) -> bytes | bytearray:
+    async def _local_block(self, b: int) -> Buf:
         data = self.mem.get(b)
         if data is not None:
             return data
@@ -326,17 +374,32 @@ class FileData:
         return buf[off:off + (end - start)]
 
     # ------------------------------------------------------------------ read
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> Buf:
         end = min(off + size, self.size)
         if end <= off:
             return b""
         self._readahead(off, end)
+        first = off // self.bs
+        source = self.ctx.source
+        if (not self._window and self.base is not None and end <= self.base_valid
+                and first == (end - 1) // self.bs and first not in self.local
+                and end - off <= self.bs // 4 and not source.have_block(self.base, first)):
+            # a small random read of a block we do not have: fetch just around it
+            return await source.fragments(self.base, off, end)
+        if first == (end - 1) // self.bs and first not in self.local:
+            # within one block of the object (the kernel's 1 MiB reads are one block each):
+            # hand FUSE a view of it, no copy.  Not for a block written here: that may be a
+            # bytearray, which an exported view would stop from growing
+            (block,) = await self._blocks(first, first)
+            start = off - first * self.bs
+            return memoryview(block)[start:start + (end - off)]
         return await self._range(off, end)
 
     def _readahead(self, off: int, end: int) -> None:
         """Grow the window while reads stay sequential; prefetch base blocks ahead."""
         if off == self._seq_next:
-            self._window = min(max(self._window * 2, READAHEAD_START), READAHEAD_MAX)
+            self._window = min(max(self._window * 2, max(1, READAHEAD_START // self.bs)),
+                               max(1, READAHEAD_MAX // self.bs))
         else:
             self._window = 0
             self._ahead_to = -1
@@ -367,19 +430,23 @@ class FileData:
                 s = pos - b * self.bs
                 e = min(self.bs, end - b * self.bs)
                 chunk = view[pos - off:pos - off + (e - s)]
-                blk = self.mem.get(b)
-                if blk is None:
-                    if s == 0 and e == self.bs:
-                        blk = bytearray(chunk)
-                    else:
-                        old = (await self._blocks(b, b))[0] if b * self.bs < self.size else b""
-                        blk = bytearray(old)
-                    self.mem[b] = blk
+                if s == 0 and e == self.bs:
+                    # a whole block (the kernel's 1 MiB writes): keep the write's buffer as
+                    # it is, no copy; it is never changed in place (bytes or a view of bytes)
+                    self.mem.pop(b, None)
+                    self.mem[b] = data if len(chunk) == n else chunk
                 else:
+                    blk = self.mem.get(b)
+                    if not isinstance(blk, bytearray):
+                        if blk is None:
+                            blk = (await self._blocks(b, b))[0] if b * self.bs < self.size \
+                                else b""
+                        blk = bytearray(blk)
+                        self.mem[b] = blk
                     self.mem.move_to_end(b)
-                if len(blk) < s:
-                    blk.extend(bytes(s - len(blk)))
-                blk[s:e] = chunk
+                    if len(blk) < s:
+                        blk.extend(bytes(s - len(blk)))
+                    blk[s:e] = chunk
                 self.local.add(b)
                 p = b * self.bs // self.ps
                 self.part_gen[p] = self.part_gen.get(p, 0) + 1
@@ -397,12 +464,13 @@ class FileData:
             b, blk = self.mem.popitem(last=False)
             await self._spill_write(b, blk)
 
-    async def _spill_write(self, b: int, blk: bytes | bytearray) -> None:
+    async def _spill_write(self, b: int, blk: Buf) -> None:
         if self.spill is None:
             self.spill = Spill(self.ctx.spill_dir, self.ctx.cipher, self.bs)
         spill = self.spill
         try:
-            await trio.to_thread.run_sync(spill.write_block, b, bytes(blk))
+            # blk left self.mem: nothing changes it while the thread seals it
+            await trio.to_thread.run_sync(spill.write_block, b, blk)
         except OSError as e:
             self.mem[b] = bytearray(blk)  # keep it: nothing acknowledged is dropped
             raise FsError(e.errno or errno.EIO, f"spill write failed: {e.strerror}") from None

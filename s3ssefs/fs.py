@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
@@ -25,7 +27,7 @@ import trio
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
-from s3ssefs.files import Ctx, FileData, ObjectRef
+from s3ssefs.files import Buf, Ctx, FileData, ObjectRef
 from s3ssefs.inodes import ROOT, InodeTable, Node, check_name, join
 from s3ssefs.keyring import KeyRing
 from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for
@@ -63,6 +65,49 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
+# ``ls -l`` stats entries in the order readdir gave them: each lookup of a listed file whose
+# attributes are not known yet starts HEADs for the next entries, a window that doubles while
+# the lookups follow the listing (as readahead does for reads).  A plain ``ls`` sends none.
+PREFETCH_START = 8
+PREFETCH_MAX = 256
+LISTED_DIRS = 8  # directories whose listing order is kept for this
+
+
+@dataclass
+class ListedOrder:
+    """The files one readdir showed before their HEAD, in order, with their listing hints."""
+
+    names: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    hints: dict[str, tuple[bool, int, str, float]] = field(default_factory=dict)
+    next_expected: int = -1
+    window: int = 0
+    ahead_to: int = -1
+
+    def add(self, name: str, hint: tuple[bool, int, str, float]) -> None:
+        if name not in self.index:
+            self.index[name] = len(self.names)
+            self.names.append(name)
+        self.hints[name] = hint
+
+    def ahead(self, name: str) -> list[str]:
+        """The names to prefetch now that ``name`` was looked up."""
+        i = self.index.get(name)
+        if i is None:
+            return []
+        if i == self.next_expected:
+            self.window = min(max(self.window * 2, PREFETCH_START), PREFETCH_MAX)
+        else:
+            self.window = PREFETCH_START
+            self.ahead_to = i
+        self.next_expected = i + 1
+        if self.ahead_to - i > self.window // 2:
+            return []
+        start, end = max(i + 1, self.ahead_to + 1), min(len(self.names), i + 1 + self.window)
+        self.ahead_to = max(self.ahead_to, end - 1)
+        return self.names[start:end]
+
+
 @dataclass
 class DirHandle:
     node: Node
@@ -92,7 +137,10 @@ class Filesystem(pyfuse3.Operations):
         self.inodes = InodeTable(root)
         self.handles: dict[int, Node] = {}
         self.dirs: dict[int, DirHandle] = {}
+        self.writers: set[int] = set()  # handles opened for writing
         self._next_fh = 1
+        self._listed: OrderedDict[str, ListedOrder] = OrderedDict()  # by directory path
+        self._heads: dict[str, trio.Event] = {}  # prefetch HEADs in flight, by path
         ctx.s3key = self.s3key
         ctx.write_key = lambda: keyring.current
         ctx.metadata = self.metadata
@@ -189,7 +237,9 @@ class Filesystem(pyfuse3.Operations):
     def _file_node(self, path: str, info: ObjectInfo, key: Any) -> Node:
         attrs = self._attrs(info, is_dir=False)
         node = self.inodes.find(path)
-        if node is None or node.is_dir != stat.S_ISDIR(attrs.mode):
+        if node is None or stat.S_IFMT(node.attrs.mode) != stat.S_IFMT(attrs.mode):
+            # a new inode when the type changes (a listed entry turns out to be a symlink):
+            # the kernel refuses an inode whose type changes under it
             node = self.inodes.create(path, attrs)
         elif node.data is None or not node.data.dirty:
             if node.etag != info.etag:
@@ -202,6 +252,22 @@ class Filesystem(pyfuse3.Operations):
         node.locked = False
         node.remote = True
         node.fetched = time.monotonic()
+        return node
+
+    def _listed_node(self, path: str, hint: tuple[bool, int, str, float]) -> Node:
+        """A node for a listed object not HEADed yet: size and time from the listing, mode and
+        owner from what we knew or the mount's defaults; not fresh, so a lookup HEADs it."""
+        node = self.inodes.find(path)
+        if node is None or node.is_dir:
+            node = self.inodes.create(path, attrs_from_object(
+                {}, hint[1], hint[3], is_dir=False, default_uid=self.cfg.uid,
+                default_gid=self.cfg.gid, umask=self.cfg.umask))
+            node.remote = True
+            node.fetched = -math.inf
+        elif node.etag != hint[2] and (node.data is None or not node.data.dirty):
+            node.attrs.size = hint[1]
+            node.attrs.mtime_ns = node.attrs.ctime_ns = int(hint[3] * 1e9)
+            node.fetched = -math.inf
         return node
 
     def _locked_node(self, path: str, hint: tuple[bool, int, str, float]) -> Node:
@@ -230,6 +296,14 @@ class Filesystem(pyfuse3.Operations):
         node = self.inodes.find(path)
         if node is not None and self._fresh(node):
             return node
+        self._prefetch_after(parent.path, name)
+        pending = self._heads.get(path)
+        if pending is not None:
+            await pending.wait()
+            node = self.inodes.find(path)
+            if node is not None and self._fresh(node):
+                node.just_probed = True
+                return node
         lst = self.inodes.listing(parent.path, self.cfg.dir_ttl)
         hint = None
         if lst is not None:
@@ -239,6 +313,28 @@ class Filesystem(pyfuse3.Operations):
         node = await self._probe(path, hint)
         node.just_probed = True
         return node
+
+    def _prefetch_after(self, dpath: str, name: str) -> None:
+        """Start HEADs for the listed entries after ``name`` (see :class:`ListedOrder`)."""
+        order = self._listed.get(dpath)
+        nursery = self.ctx.nursery
+        if order is None or nursery is None:
+            return
+        for nxt in order.ahead(name):
+            path = join(dpath, nxt)
+            node = self.inodes.find(path)
+            if path in self._heads or (node is not None and self._fresh(node)):
+                continue
+            self._heads[path] = trio.Event()
+            nursery.start_soon(self._prefetch_head, path, order.hints[nxt])
+
+    async def _prefetch_head(self, path: str, hint: tuple[bool, int, str, float]) -> None:
+        try:
+            await self._probe(path, hint)
+        except Exception as e:  # the lookup that wants it will try again and report
+            log.debug("prefetch HEAD of %s failed: %s", path, e)
+        finally:
+            self._heads.pop(path).set()
 
     async def _refresh(self, node: Node) -> None:
         if self._fresh(node):
@@ -422,7 +518,10 @@ class Filesystem(pyfuse3.Operations):
         while True:
             while h.pending:
                 idx, name, node = h.pending[0]
-                if not pyfuse3.readdir_reply(token, name.encode(), node.entry(self.ttl), idx + 1):
+                # attributes not from a HEAD yet: the kernel must look the entry up again
+                # before it trusts them (ls -l), and a plain ls costs no HEAD at all
+                ttl = self.ttl if self._fresh(node) else 0.0
+                if not pyfuse3.readdir_reply(token, name.encode(), node.entry(ttl), idx + 1):
                     return
                 node.lookups += 1
                 h.pending.pop(0)
@@ -436,12 +535,18 @@ class Filesystem(pyfuse3.Operations):
 
     async def _entries(self, dnode: Node) -> AsyncIterator[tuple[str, Node]]:
         """A directory's entries, page by page: S3's, plus files created here not yet
-        uploaded. Objects get a HEAD (in parallel) for mode/uid/mtime unless fresh."""
+        uploaded.  Sizes and times come from the listing; mode/uid/gid need a HEAD, which a
+        later lookup makes (and prefetches for the entries after it), so listing sends none."""
         dpath = dnode.path
         prefix = self.dirkey(dpath)
         seen: set[str] = set()
         remembered: dict[str, tuple[bool, int, str, float]] = {}
         complete = True
+        order = ListedOrder()
+        self._listed.pop(dpath, None)
+        self._listed[dpath] = order
+        while len(self._listed) > LISTED_DIRS:
+            self._listed.popitem(last=False)
         async for page in self.view.list_pages(prefix, delimiter="/"):
             dirs = {}
             for p in page.prefixes:
@@ -459,34 +564,27 @@ class Filesystem(pyfuse3.Operations):
                              "showing the directory", self.store.bucket, o.key)
                     continue
                 files[name] = o
-            heads = []
+            results: dict[str, Node] = {}
             for name, o in files.items():
                 path = join(dpath, name)
                 node = self.inodes.find(path)
                 if node is None or not self._fresh(node) or (node.etag != o.etag and \
                         (node.data is None or not node.data.dirty)):
-                    heads.append((path, (False, o.size, o.etag, o.mtime)))
-            results: dict[str, Node] = {}
-
-            async def head(path: str, hint: tuple[bool, int, str, float],
-                           results: dict[str, Node] = results) -> None:
-                try:
-                    results[path] = await self._probe(path, hint)
-                except FsError as e:
-                    if e.errno != errno.ENOENT:  # gone since the listing: skip it
-                        raise
-
-            await gather((functools.partial(head, p, h) for p, h in heads),
-                         limit=self.cfg.max_requests)
+                    hint = (False, o.size, o.etag, o.mtime)
+                    results[path] = self._listed_node(path, hint)
+                    order.add(name, hint)
             for name in sorted(list(dirs) + list(files)):
                 path = join(dpath, name)
                 if name in dirs:
                     node = self.inodes.find(path)
                     if node is None or not node.is_dir:
+                        # mode and owner live on the marker (if any): a lookup finds out
                         now = time.time()
                         node = self.inodes.create(path, self._attrs(
                             ObjectInfo(key=dirs[name], size=0, etag="", mtime=now), True))
-                        node.fetched = time.monotonic()
+                        node.fetched = -math.inf
+                    if not self._fresh(node):
+                        order.add(name, (True, 0, "", 0.0))
                     remembered[name] = (True, 0, "", 0.0)
                 else:
                     node = results.get(path) or self.inodes.find(path)
@@ -598,7 +696,9 @@ class Filesystem(pyfuse3.Operations):
         node.open_count += 1
         node.lookups += 1
         self.inodes.listing_add(path, False)
-        return pyfuse3.FileInfo(fh=self._fh(node)), node.entry(self.ttl)
+        fh = self._fh(node)
+        self.writers.add(fh)
+        return pyfuse3.FileInfo(fh=fh), node.entry(self.ttl)
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -626,10 +726,13 @@ class Filesystem(pyfuse3.Operations):
         except BaseException:
             node.open_count -= 1
             raise
-        return pyfuse3.FileInfo(fh=self._fh(node), keep_cache=False)
+        fh = self._fh(node)
+        if writing:
+            self.writers.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Buf:
         node = self.handles[fh]
         assert node.data is not None
         return await node.data.read(off, size)
@@ -644,7 +747,10 @@ class Filesystem(pyfuse3.Operations):
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
-        await self._flush_node(self.handles[fh])
+        # a reader's close() uploads nothing: it must not fail (or wait) on a writer's
+        # pending upload; fsync, the retry loop and umount still upload
+        if fh in self.writers:
+            await self._flush_node(self.handles[fh])
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -666,6 +772,7 @@ class Filesystem(pyfuse3.Operations):
     @_fuse_errors
     async def release(self, fh: int) -> None:
         node = self.handles.pop(fh)
+        self.writers.discard(fh)
         node.open_count -= 1
         if node.open_count == 0:
             await self._drop_data(node)

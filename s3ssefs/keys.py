@@ -107,6 +107,17 @@ def sse_c_params(key: Key | None, *, copy_source: bool = False) -> dict[str, Any
     return {f"{prefix}Algorithm": SSE_ALGORITHM, f"{prefix}Key": key.raw}
 
 
+def sse_c_headers(key: Key | None) -> dict[str, str]:
+    """The HTTP headers of :func:`sse_c_params` (what boto3 sends for them), for the lean
+    request path of :mod:`s3ssefs.wire`; ``{}`` without SSE-C."""
+    if key is None:
+        return {}
+    return {"x-amz-server-side-encryption-customer-algorithm": SSE_ALGORITHM,
+            "x-amz-server-side-encryption-customer-key":
+                base64.b64encode(key.raw).decode("ascii"),
+            "x-amz-server-side-encryption-customer-key-MD5": key.fingerprint}
+
+
 def fresh_key() -> bytes:
     """32 random bytes, never starting with 0x00: s3fs-fuse reads a key through a C string
     and fails on a leading NUL, so such a key would break s3fs on the same bucket (this drops

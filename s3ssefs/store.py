@@ -2,9 +2,11 @@
 
 boto3 is synchronous, so each call runs in a trio worker thread; one ``CapacityLimiter`` bounds
 the calls in flight, and botocore's connection pool is sized to match so no thread waits for a
-socket.  Retries are botocore's *standard* mode (throttling, 5xx and connection errors, with
-backoff); on top of that every call has an overall deadline (``request_timeout``) after which
-the caller gets EIO and the stuck thread is abandoned, so no FUSE request waits forever.
+socket.  The one retry policy is :meth:`ObjectStore._call`'s: throttling, 5xx and connection
+errors are retried with a doubling backoff until the call's deadline (``request_timeout``),
+after which the caller gets EIO and a stuck thread is abandoned, so no FUSE request waits
+forever.  The hot small calls (HEAD, ranged GET, PUT, LIST) first try the lean path of
+:mod:`s3ssefs.wire`, a third of boto3's CPU per request; what it cannot finish, boto3 tries.
 
 SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone, and how a write *we* make
 is encrypted is decided in one place, :meth:`ObjectStore.write_params`: with a key, SSE-C under
@@ -33,12 +35,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import boto3
 import botocore.session
@@ -47,11 +51,8 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
     NoCredentialsError,
-    ReadTimeoutError,
+    ParamValidationError,
     SSLError,
 )
 from urllib3.exceptions import HTTPError
@@ -59,8 +60,10 @@ from urllib3.exceptions import HTTPError
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
-from s3ssefs.keys import SSE_ALGORITHM, Key, sse_c_params
+from s3ssefs.keys import SSE_ALGORITHM, Key, sse_c_headers, sse_c_params
 from s3ssefs.stats import Stats
+from s3ssefs.wire import Retry, WireClient
+from s3ssefs.wire import usable as wire_usable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,13 +121,18 @@ def _same_kms_key(wanted: str, echoed: str | None) -> bool:
     return wanted.startswith("alias/") or ":alias/" in wanted
 
 
-def s3_client(cfg: MountConfig) -> Any:
-    """A boto3 S3 client for ``cfg``'s endpoint, region, credentials and CA (also used by
-    ``s3ssefs presign``, so its URLs are signed exactly as the mount signs its requests)."""
+def boto_session(cfg: MountConfig) -> boto3.Session:
+    """The session (profile, credentials file) every client of this mount comes from."""
     bs = botocore.session.Session(profile=cfg.profile)
     if cfg.credentials_file is not None:
         bs.set_config_variable("credentials_file", str(cfg.credentials_file))
-    session = boto3.Session(botocore_session=bs)
+    return boto3.Session(botocore_session=bs)
+
+
+def s3_client(cfg: MountConfig, session: boto3.Session | None = None) -> Any:
+    """A boto3 S3 client for ``cfg``'s endpoint, region, credentials and CA (also used by
+    ``s3ssefs presign``, so its URLs are signed exactly as the mount signs its requests)."""
+    session = session or boto_session(cfg)
     region = cfg.region or session.region_name or "us-east-1"
     config = Config(
         region_name=region,
@@ -133,10 +141,11 @@ def s3_client(cfg: MountConfig) -> Any:
         # CLI streams): hashing every part cost ~6% of a sequential write's CPU
         s3={"addressing_style": "path" if cfg.endpoint else "auto",
             "payload_signing_enabled": not (cfg.endpoint or "https").startswith("https")},
-        retries={"mode": "standard", "total_max_attempts": 5},
+        # retries are ObjectStore._call's, not botocore's (see there)
+        retries={"mode": "standard", "total_max_attempts": 1},
         max_pool_connections=cfg.max_requests + 4,
         connect_timeout=10,
-        read_timeout=max(5.0, min(60.0, cfg.request_timeout / 2)),
+        read_timeout=read_timeout(cfg),
         tcp_keepalive=True,
         # Ceph 16 does not understand aws-chunked bodies with trailing checksums
         request_checksum_calculation="when_required",
@@ -150,22 +159,81 @@ def s3_client(cfg: MountConfig) -> Any:
     return session.client("s3", endpoint_url=cfg.endpoint, config=config, verify=verify)
 
 
+def read_timeout(cfg: MountConfig) -> float:
+    """How long one attempt may wait for the server (the deadline covers all attempts)."""
+    return max(5.0, min(60.0, cfg.request_timeout / 2))
+
+
 class RequestAbandoned(Exception):
     """Raised inside a worker thread whose call the caller has given up on."""
 
 
 _call_state = threading.local()
-BODY_ATTEMPTS = 3
 
 
 def _refuse_abandoned(**_: Any) -> None:
+    """Before each attempt is sent (boto3's and the lean path's): not if the caller gave up."""
     ev = getattr(_call_state, "abandoned", None)
     if ev is not None and ev.is_set():
         raise RequestAbandoned("the caller gave up on this request")
 
 
+def _version_query(version_id: str | None) -> str:
+    return f"versionId={quote(version_id, safe='')}" if version_id else ""
+
+
 def _ts(value: Any) -> float:
     return value.timestamp() if isinstance(value, datetime) else 0.0
+
+
+RETRY_FIRST = 0.25  # seconds before the first retry; doubles each time
+RETRY_MAX = 4.0
+MOUNT_CHECK_TIMEOUT = 5.0  # the checks at mount fail fast: a typo is likelier than an outage
+_RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                          "InternalError", "ServiceUnavailable", "RequestLimitExceeded"})
+
+
+def _retryable(e: BaseException) -> bool:
+    """Whether trying the same request again later may succeed."""
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        # not 501: NotImplemented is an answer (RGW's CopyObject with SSE-C), not a fault
+        return status in (429, 500, 502, 503, 504) or code in _RETRY_CODES
+    if isinstance(e, SSLError):
+        return "CERTIFICATE_VERIFY_FAILED" not in str(e)
+    if isinstance(e, Retry):  # the lean path's "try again"
+        return True
+    if isinstance(e, NoCredentialsError | RequestAbandoned | ParamValidationError):
+        return False
+    # no connection, reset, timeout, a body cut off mid-read, an unreadable answer
+    return isinstance(e, BotoCoreError | HTTPError | OSError)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, Retry):
+        return str(e)
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        return f"{status} {err.get('Code', '')}".strip()
+    return type(e).__name__
+
+
+def _failure(e: BaseException, what: str) -> FsError:
+    """The FsError a failed request becomes (ClientErrors through the one errno map)."""
+    if isinstance(e, ClientError):
+        return _map_client_error(e, what)
+    if isinstance(e, NoCredentialsError):
+        return FsError(errno.EACCES, f"{what}: no S3 credentials found")
+    if isinstance(e, SSLError):
+        hint = "; check ca_bundle" if "CERTIFICATE_VERIFY_FAILED" in str(e) else ""
+        return FsError(errno.EIO, f"{what}: TLS failure{hint}")
+    if isinstance(e, Retry):
+        return FsError(errno.EIO, f"{what}: {e}")
+    if isinstance(e, BotoCoreError | HTTPError | OSError | RequestAbandoned):
+        return FsError(errno.EIO, f"{what}: {type(e).__name__}")
+    raise e
 
 
 def _map_client_error(e: ClientError, what: str) -> FsError:
@@ -213,66 +281,88 @@ class ObjectStore:
         self.limiter = trio.CapacityLimiter(cfg.max_requests)
         self.part_size = cfg.part_size
         self._provider = provider_params(cfg.sse)
-        self.client = self._make_client()
+        session = boto_session(cfg)
+        self.client = self._make_client(session)
+        self.wire = self._make_wire(session)
 
     # ------------------------------------------------------------------ set-up
-    def _make_client(self) -> Any:
-        client = s3_client(self.cfg)
+    def _make_client(self, session: boto3.Session) -> Any:
+        client = s3_client(self.cfg, session)
         # botocore retries inside the worker thread; once we gave up on a call (deadline),
         # a late attempt must not reach the server (a late PUT could overwrite newer data)
         client.meta.events.register("before-send.s3", _refuse_abandoned)
         return client
 
+    def _make_wire(self, session: boto3.Session) -> WireClient | None:
+        """The lean path for HEAD/GET/PUT, where it applies (see :mod:`s3ssefs.wire`)."""
+        credentials = session.get_credentials()
+        if credentials is None or self.cfg.boto3_only \
+                or not wire_usable(self.cfg.endpoint):
+            return None
+        assert self.cfg.endpoint is not None
+        return WireClient(self.cfg.endpoint, self.bucket, self.client.meta.region_name,
+                          credentials, str(self.cfg.ca_bundle) if self.cfg.ca_bundle else None,
+                          pool_size=self.cfg.max_requests + 4, connect_timeout=10,
+                          read_timeout=read_timeout(self.cfg), before_send=_refuse_abandoned)
+
     # ------------------------------------------------------------------ the one call path
-    async def _call(self, kind: str, what: str, fn: Callable[..., T], /, **kw: Any) -> T:
-        """Run one boto3 call in a worker thread, with deadline, stats and error mapping."""
+    async def _call(self, kind: str, what: str, fn: Callable[..., T], /,
+                    lean: Callable[[], T] | None = None, timeout: float | None = None,
+                    **kw: Any) -> T:
+        """Run one S3 request in a worker thread: the one retry policy, deadline, stats and
+        error mapping.
 
-        abandoned = threading.Event()
+        ``lean`` is the same request on the lean path (:mod:`s3ssefs.wire`), the first attempt;
+        retries go through the boto3 call ``fn``, so a server the lean path does not suit
+        still gets served.  A failure worth retrying (no
+        connection, a reset, a body cut off, 5xx, SlowDown) is retried after a backoff that
+        doubles from RETRY_FIRST to RETRY_MAX, until ``timeout`` (``request_timeout``) is
+        spent: a server restarting for a few seconds costs a pause, not an EIO.  botocore's
+        own retries are off (its retry allowance, shared by the client, ran dry during an
+        outage and left later requests with none)."""
+        limit = self.cfg.request_timeout if timeout is None else timeout
+        deadline = trio.current_time() + limit
+        delay = RETRY_FIRST
+        retries = 0
+        while True:
+            abandoned = threading.Event()
 
-        def run() -> T:
-            _call_state.abandoned = abandoned
+            def run(abandoned: threading.Event = abandoned, first: bool = retries == 0) -> T:
+                _call_state.abandoned = abandoned
+                try:
+                    return lean() if lean is not None and first else fn(**kw)
+                finally:
+                    _call_state.abandoned = None
+
             try:
-                return fn(**kw)
-            finally:
-                _call_state.abandoned = None
+                with trio.fail_at(deadline):
+                    resp = await trio.to_thread.run_sync(run, limiter=self.limiter,
+                                                         abandon_on_cancel=True)
+            except trio.TooSlowError:
+                abandoned.set()
+                self.stats.error(kind)
+                log.warning("%s: no answer within %.0fs [EIO]", what, limit)
+                raise FsError(errno.EIO, f"{what}: timed out") from None
+            except Exception as e:
+                if _retryable(e) and trio.current_time() + delay < deadline:
+                    retries += 1
+                    self.stats.add("retries")
+                    log.debug("%s: %s; retry %d in %.1fs", what, _describe(e), retries, delay)
+                    await trio.sleep(delay * random.uniform(0.75, 1.0))
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self.stats.request(kind, retries=retries) if isinstance(e, ClientError) \
+                    else self.stats.error(kind)
+                raise _failure(e, what) from None
+            self.stats.request(kind, retries=retries)
+            return resp
 
-        try:
-            with trio.fail_after(self.cfg.request_timeout):
-                resp = await trio.to_thread.run_sync(run, limiter=self.limiter,
-                                                     abandon_on_cancel=True)
-        except trio.TooSlowError:
-            abandoned.set()
-            self.stats.error(kind)
-            log.warning("%s: no answer within %.0fs [EIO]", what, self.cfg.request_timeout)
-            raise FsError(errno.EIO, f"{what}: timed out") from None
-        except ClientError as e:
-            self.stats.request(kind, retries=e.response.get("ResponseMetadata", {})
-                               .get("RetryAttempts", 0))
-            raise _map_client_error(e, what) from None
-        except NoCredentialsError:
-            self.stats.error(kind)
-            raise FsError(errno.EACCES, f"{what}: no S3 credentials found") from None
-        except SSLError as e:
-            self.stats.error(kind)
-            hint = "; check ca_bundle" if "CERTIFICATE_VERIFY_FAILED" in str(e) else ""
-            raise FsError(errno.EIO, f"{what}: TLS failure{hint}") from None
-        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
-                ConnectionClosedError) as e:
-            self.stats.error(kind)
-            raise FsError(errno.EIO, f"{what}: {type(e).__name__}") from None
-        except (BotoCoreError, HTTPError, OSError) as e:
-            # includes a body cut off mid-read (urllib3 ProtocolError) after our own retries
-            self.stats.error(kind)
-            raise FsError(errno.EIO, f"{what}: {type(e).__name__}") from None
-        meta = resp.get("ResponseMetadata", {}) if isinstance(resp, dict) else {}
-        self.stats.request(kind, retries=meta.get("RetryAttempts", 0))
-        return resp
-
-    async def _guarded(self, kind: str, what: str, fn: Callable[..., T], /, **kw: Any) -> T:
+    async def _guarded(self, kind: str, what: str, fn: Callable[..., T], /,
+                       lean: Callable[[], T] | None = None, **kw: Any) -> T:
         """:meth:`_call`, logging the failure once (bucket, key, status, errno) at WARNING
         for the errors a user should hear about and DEBUG for the expected ones."""
         try:
-            return await self._call(kind, what, fn, **kw)
+            return await self._call(kind, what, fn, lean, **kw)
         except FsError as e:
             if e.errno in (errno.ENOENT, errno.EACCES):
                 log.debug("%s failed: %s", kind, e)
@@ -288,6 +378,7 @@ class ObjectStore:
     async def check_bucket(self) -> None:
         """HEAD the bucket: missing bucket, refused credentials, unreachable endpoint."""
         await self._call("head_bucket", f"bucket {self.bucket}", self.client.head_bucket,
+                         timeout=min(self.cfg.request_timeout, MOUNT_CHECK_TIMEOUT),
                          Bucket=self.bucket)
 
     async def bucket_encryption(self) -> dict[str, Any] | None:
@@ -309,7 +400,12 @@ class ObjectStore:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **sse_c_params(sse_key)}
         if version_id:
             kw["VersionId"] = version_id
-        r = await self._call("head", self._what("HEAD", key), self.client.head_object, **kw)
+        lean = None
+        if self.wire is not None:
+            lean = partial(self.wire.head_object, key, sse_c_headers(sse_key),
+                           _version_query(version_id))
+        r = await self._call("head", self._what("HEAD", key), self.client.head_object, lean,
+                             **kw)
         return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)),
                           etag=str(r.get("ETag", "")).strip('"'),
                           mtime=_ts(r.get("LastModified")), metadata=dict(r.get("Metadata", {})),
@@ -342,19 +438,13 @@ class ObjectStore:
                 r["Data"] = body.read()
             return r
 
-        def get_retrying(**kw2: Any) -> dict[str, Any]:
-            for attempt in range(BODY_ATTEMPTS):
-                try:
-                    return get(**kw2)
-                except (HTTPError, BotoCoreError, OSError) as e:
-                    if isinstance(e, ClientError | SSLError) or attempt + 1 == BODY_ATTEMPTS:
-                        raise
-                    log.debug("GET %s: body cut off (%s), retrying", kw2["Key"],
-                              type(e).__name__)
-                    self.stats.add("retries")
-            raise AssertionError("unreachable")
-
-        r = await self._guarded("get", self._what("GET", key), get_retrying, **kw)
+        lean = None
+        if self.wire is not None:
+            headers = {"Range": kw["Range"], **sse_c_headers(sse_key)}
+            if if_match:
+                headers["If-Match"] = kw["IfMatch"]
+            lean = partial(self.wire.get_range, key, headers, _version_query(version_id))
+        r = await self._guarded("get", self._what("GET", key), get, lean, **kw)
         data: bytes = r["Data"]
         self.stats.request("get_bytes", down=len(data))
         return data
@@ -372,8 +462,18 @@ class ObjectStore:
                 kw["ContinuationToken"] = token
             elif start_after:
                 kw["StartAfter"] = start_after
+            lean = None
+            if self.wire is not None:
+                params = {"prefix": prefix, "max-keys": str(page_size)}
+                if delimiter:
+                    params["delimiter"] = delimiter
+                if token:
+                    params["continuation-token"] = token
+                elif start_after:
+                    params["start-after"] = start_after
+                lean = partial(self.wire.list_objects_v2, params)
             r = await self._guarded("list", f"LIST s3://{self.bucket}/{prefix}",
-                                    self.client.list_objects_v2, **kw)
+                                    self.client.list_objects_v2, lean, **kw)
             yield ListPage(
                 prefixes=[p["Prefix"] for p in r.get("CommonPrefixes", [])],
                 objects=[ObjectInfo(key=o["Key"], size=int(o.get("Size", 0)),
@@ -476,7 +576,15 @@ class ObjectStore:
                               "Metadata": metadata or {}, **self.write_params(sse_key)}
         if content_type:
             kw["ContentType"] = content_type
-        r = await self._guarded("put", what, self.client.put_object, **kw)
+        lean = None
+        if self.wire is not None and (sse_key is not None or not self._provider) \
+                and all(k.isascii() and v.isascii() for k, v in (metadata or {}).items()):
+            headers = {f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()}
+            if content_type:
+                headers["Content-Type"] = content_type
+            lean = partial(self.wire.put_object, key, {**headers, **sse_c_headers(sse_key)},
+                           body)
+        r = await self._guarded("put", what, self.client.put_object, lean, **kw)
         self.stats.request("put_bytes", up=len(body))
         try:
             self._check_echo(r, sse_key, what)

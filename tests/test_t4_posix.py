@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from conftest import S3SSEFS
 
 from s3ssefs.keys import Key
 
@@ -865,3 +867,41 @@ def test_chmod_while_a_large_file_is_written(mnt: Any, s3: Any, bucket: str, key
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert abs(st.st_mtime - closed) < 30
     assert sha_file(mnt.path / "growing.bin") == sha(data)
+
+
+# --- random reads ----------------------------------------------------------------------------
+
+
+def _mount_stats(m: Any) -> dict[str, Any]:
+    r = subprocess.run([*S3SSEFS, "stats", "--json", str(m.path)], capture_output=True,
+                       text=True, check=True, timeout=60)
+    return json.loads(r.stdout)
+
+
+def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket: str,
+                                                      key: Key) -> None:
+    """Random 4 KiB reads (as fio or a database does, with POSIX_FADV_RANDOM) of an 8 MiB
+    object return the right bytes, each costing a small ranged GET rather than a whole block,
+    and reading the same places again costs no request at all."""
+    body = pattern(8 * MiB, seed=5)
+    s3.put_object(Bucket=bucket, Key="rand.bin", Body=body, **sse(key))
+    rng = random.Random(3)
+    offsets = [rng.randrange(0, len(body) // 4096) * 4096 for _ in range(40)]
+    path = mnt.path / "rand.bin"
+    before = _mount_stats(mnt)
+    for _round in range(2):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for off in offsets:
+                assert os.pread(fd, 4096, off) == body[off:off + 4096], off
+        finally:
+            os.close(fd)
+        if _round == 0:
+            first = _mount_stats(mnt)
+    after = _mount_stats(mnt)
+    gets = first["requests"].get("get", 0) - before["requests"].get("get", 0)
+    down = first.get("bytes_down", 0) - before.get("bytes_down", 0)
+    assert 0 < gets <= len(offsets)
+    assert down <= len(offsets) * 64 * 1024, f"{down} bytes fetched for {len(offsets)} 4K reads"
+    assert after["requests"].get("get", 0) == first["requests"].get("get", 0)

@@ -90,7 +90,7 @@ def test_every_option_documented() -> None:
     (flags: ``--name, -o name``) in the OPTIONS section of s3ssefs(1); nothing else is listed."""
     options = _section(_render(PAGES["s3ssefs.1"]), "OPTIONS")
     tags = {m.group(1): m.group(0).strip()
-            for m in re.finditer(r"^ {7}(--[a-z][a-z-]*)\b.*$", options, re.M)}
+            for m in re.finditer(r"^ {7}(--[a-z][a-z0-9-]*)\b.*$", options, re.M)}
     missing, wrong = [], []
     for opt in OPTIONS:
         long = "--" + opt.name.replace("_", "-")

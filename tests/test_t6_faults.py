@@ -20,9 +20,7 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +124,6 @@ def wait_for(pred: Any, timeout: float, step: float = 0.5) -> bool:
             return True
         time.sleep(step)
     return bool(pred())
-
-
-def vm_hwm_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -649,53 +640,6 @@ def test_no_secrets_in_logs_proc_cache_or_spill(bucket: str, mount_factory: Any,
 
 
 # ====================================================================== RSS figures
-def test_peak_rss(bucket: str, mount_factory: Any, s3: Any, key: Key, tmp_path: Path) -> None:
-    m = mount_factory(bucket)
-    pid = m.pid
-    base = vm_hwm_mib(pid)
-    n = 5000
-    local = threading.local()
-
-    def put(i: int) -> None:
-        c = getattr(local, "c", None)
-        if c is None:
-            c = local.c = m.rgw.client()
-        c.put_object(Bucket=bucket, Key=f"many/o{i:05d}", Body=b"%d" % i, **sse(key))
-
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(32) as ex:
-        list(ex.map(put, range(n)))
-    t_put = time.monotonic() - t0
-    t0 = time.monotonic()
-    r = subprocess.run(["ls", "-l", str(m.path / "many")], capture_output=True, text=True,
-                       timeout=600)
-    t_ls = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == n + 1
-    after_list = vm_hwm_mib(pid)
-
-    src = tmp_path / "big.src"
-    with open("/dev/urandom", "rb") as u, open(src, "wb") as f:
-        for _ in range(512):
-            f.write(u.read(1 << 20))
-    t0 = time.monotonic()
-    r = subprocess.run(["cp", str(src), str(m.path / "big.bin")], capture_output=True,
-                       text=True, timeout=900)
-    t_cp = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
-    after_cp = vm_hwm_mib(pid)
-    size = s3.head_object(Bucket=bucket, Key="big.bin", **sse(key))["ContentLength"]
-    assert size == 512 << 20
-    src.unlink()
-    print(f"\nRSS peak (VmHWM) of the daemon: after mount {base:.0f} MiB; after `ls -l` of "
-          f"{n} objects {after_list:.0f} MiB ({t_ls:.1f}s; puts took {t_put:.1f}s); after cp "
-          f"of 512 MiB {after_cp:.0f} MiB ({t_cp:.1f}s, {512 / t_cp:.0f} MiB/s)")
-    os.unlink(m.path / "big.bin")
-
-
-# --- local resource limits ----------------------------------------------------------------------
-
-
 def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
