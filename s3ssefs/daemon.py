@@ -166,8 +166,8 @@ def set_kernel_readahead(mountpoint: Path, size: int) -> None:
     reader reaches us as 128 KiB requests, one or two at a time; at 1 MiB the kernel sends
     1 MiB requests (the FUSE maximum) and keeps several in flight, which doubled cold
     sequential reads in our measurement.  Only root may change it; otherwise we say so once.
-    The device is found in mountinfo (a stat() of the mount point would call into this very
-    process before its loop runs).
+    Called once the mount answers: the FUSE handshake (INIT) caps readahead at what it offered
+    (128 KiB), so a value set before it completes is lost.  The device is found in mountinfo.
     """
     if size <= 0:
         return
@@ -277,7 +277,6 @@ class Mount:
     async def run(self, ready_fd: int | None) -> int:
         await preflight(self.store, self.cfg)
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
-        set_kernel_readahead(self.mountpoint, self.cfg.readahead)
         registry = runtime_dir() / f"{self.id}.json"
         try:
             async with trio.open_nursery() as n:
@@ -322,6 +321,9 @@ class Mount:
     async def _announce(self, ready_fd: int | None) -> None:
         """Tell the parent / systemd the mount is up once it answers a stat."""
         await trio.to_thread.run_sync(os.stat, str(self.mountpoint))
+        # only now: the kernel lowers readahead to what the FUSE handshake said, and the
+        # handshake is over once the mount answers
+        set_kernel_readahead(self.mountpoint, self.cfg.readahead)
         log.info("mounted s3://%s on %s", self.cfg.bucket_path, self.mountpoint)
         if ready_fd is not None:
             with contextlib.suppress(OSError):

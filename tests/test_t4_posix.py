@@ -905,3 +905,11 @@ def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket:
     assert 0 < gets <= len(offsets)
     assert down <= len(offsets) * 64 * 1024, f"{down} bytes fetched for {len(offsets)} 4K reads"
     assert after["requests"].get("get", 0) == first["requests"].get("get", 0)
+
+
+def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
+    """The mount's readahead is 1 MiB (the kernel then sends 1 MiB reads, not 128 KiB ones):
+    set after the FUSE handshake, which would otherwise cap it back at 128 KiB."""
+    dev = os.stat(mnt.path).st_dev
+    ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
+    assert int(ra) == 1024
