@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 MAX_GET = 8 << 20
 # a random read of a block we do not have fetches only the FRAGMENT-aligned bytes around it
 # (a 4 KiB read costs a 64 KiB GET, not a whole block: less for the server to decrypt and
-# send); fragments stay in a small memory LRU, so reading the same places again is local
+# send); fragments stay in a small memory LRU and in the encrypted disk cache (as negative
+# block numbers), so reading the same places again is local
 FRAGMENT = 64 << 10
-FRAGMENT_MEM = 64 << 20
+FRAGMENT_MEM = 32 << 20
 READAHEAD_START = 4 << 20
 READAHEAD_MAX = 64 << 20
 PARTS_IN_FLIGHT = 4
@@ -231,18 +232,30 @@ class BlockSource:
         fragment LRU, else one GET of the missing FRAGMENT-aligned span."""
         cid = ref.cache_id
         first, last = start // FRAGMENT, (end - 1) // FRAGMENT
-        have = {f: self.frags.get((cid, f)) for f in range(first, last + 1)}
+        have: dict[int, bytes | None] = {f: self.frags.get((cid, f))
+                                         for f in range(first, last + 1)}
         missing = [f for f, d in have.items() if d is None]
+        if missing:
+            cached = await trio.to_thread.run_sync(
+                lambda: {f: self.cache.get(cid, _frag_block(f)) for f in missing})
+            for f, d in cached.items():
+                if d is not None:
+                    have[f] = d
+                    self._frag_put((cid, f), d)
+            missing = [f for f, d in have.items() if d is None]
         if missing:
             lo, hi = missing[0] * FRAGMENT, min((missing[-1] + 1) * FRAGMENT, ref.size)
             data = await self.store.get_range(ref.s3key, lo, hi, ref.sse_key, ref.version_id)
             if len(data) != hi - lo:
                 raise FsError(errno.EIO, f"short read of {ref.s3key}: object changed?")
             self.stats.add("fragment_gets")
+            got = {}
             for f in range(missing[0], missing[-1] + 1):
                 piece = bytes(data[(f - missing[0]) * FRAGMENT:(f - missing[0] + 1) * FRAGMENT])
-                have[f] = piece
+                have[f] = got[_frag_block(f)] = piece
                 self._frag_put((cid, f), piece)
+            if self.nursery is not None:
+                self.nursery.start_soon(self._cache_put, cid, got)
         for f in have:
             self.frags.move_to_end((cid, f))
         joined = b"".join(have[f] or b"" for f in range(first, last + 1))
@@ -255,6 +268,11 @@ class BlockSource:
         while self.frag_bytes > FRAGMENT_MEM and self.frags:
             _, ev = self.frags.popitem(last=False)
             self.frag_bytes -= len(ev)
+
+
+def _frag_block(f: int) -> int:
+    """The disk cache's block number for fragment ``f`` (negative: never a real block)."""
+    return -1 - f
 
 
 @dataclass
