@@ -300,8 +300,12 @@ class ObjectStore:
                 or not wire_usable(self.cfg.endpoint):
             return None
         assert self.cfg.endpoint is not None
+        # the CA boto3 trusts: ours, else AWS_CA_BUNDLE / the profile's ca_bundle, else the
+        # system's (otherwise every lean attempt would fail TLS and wait for a retry)
+        ca = str(self.cfg.ca_bundle) if self.cfg.ca_bundle else \
+            session._session.get_config_variable("ca_bundle")
         return WireClient(self.cfg.endpoint, self.bucket, self.client.meta.region_name,
-                          credentials, str(self.cfg.ca_bundle) if self.cfg.ca_bundle else None,
+                          credentials, ca,
                           pool_size=self.cfg.max_requests + 4, connect_timeout=10,
                           read_timeout=read_timeout(self.cfg), before_send=_refuse_abandoned)
 

@@ -482,3 +482,14 @@ def test_lean_signer_matches_botocore(monkeypatch) -> None:
     theirs = dict(req.headers.items())
     for h in ("Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
         assert ours[h] == theirs[h], h
+
+
+async def test_lean_path_trusts_the_ca_boto3_trusts(rgw, bucket, key, monkeypatch) -> None:
+    """Without --ca-bundle, boto3 trusts AWS_CA_BUNDLE; the lean path must too, or each of its
+    attempts would fail TLS and wait for a retry."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(rgw.ca))
+    store = make_store(rgw, bucket, ca_bundle=None)
+    await store.put("ca.bin", b"x" * 10, key)
+    assert (await store.head("ca.bin", key)).size == 10
+    assert await store.get_range("ca.bin", 0, 10, key) == b"x" * 10
+    assert store.stats.snapshot().get("retries", 0) == 0
