@@ -190,7 +190,14 @@ RETRY_FIRST = 0.25  # seconds before the first retry; doubles each time
 RETRY_MAX = 4.0
 MOUNT_CHECK_TIMEOUT = 5.0  # the checks at mount fail fast: a typo is likelier than an outage
 _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                          "InternalError", "ServiceUnavailable", "RequestLimitExceeded"})
+                          "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
+                          # a clock or credentials boto3 refreshes on the next attempt
+                          "RequestTimeTooSkewed", "ExpiredToken", "RequestExpired"})
+
+
+# ListObjectsV2 parameters as boto3 names them → as the query string names them
+_LIST_QUERY = {"Prefix": "prefix", "MaxKeys": "max-keys", "Delimiter": "delimiter",
+               "ContinuationToken": "continuation-token", "StartAfter": "start-after"}
 
 
 def _retryable(e: BaseException) -> bool:
@@ -199,7 +206,7 @@ def _retryable(e: BaseException) -> bool:
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         # not 501: NotImplemented is an answer (RGW's CopyObject with SSE-C), not a fault
-        return status in (429, 500, 502, 503, 504) or code in _RETRY_CODES
+        return status in (408, 429, 500, 502, 503, 504) or code in _RETRY_CODES
     if isinstance(e, SSLError):
         return "CERTIFICATE_VERIFY_FAILED" not in str(e)
     if isinstance(e, Retry):  # the lean path's "try again"
@@ -468,14 +475,8 @@ class ObjectStore:
                 kw["StartAfter"] = start_after
             lean = None
             if self.wire is not None:
-                params = {"prefix": prefix, "max-keys": str(page_size)}
-                if delimiter:
-                    params["delimiter"] = delimiter
-                if token:
-                    params["continuation-token"] = token
-                elif start_after:
-                    params["start-after"] = start_after
-                lean = partial(self.wire.list_objects_v2, params)
+                lean = partial(self.wire.list_objects_v2,
+                               {q: str(kw[p]) for p, q in _LIST_QUERY.items() if p in kw})
             r = await self._guarded("list", f"LIST s3://{self.bucket}/{prefix}",
                                     self.client.list_objects_v2, lean, **kw)
             yield ListPage(

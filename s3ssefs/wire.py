@@ -8,11 +8,11 @@ cores with the server, that CPU is the limit of ``ls -l`` and of creating many s
 so those calls take this path.
 
 It makes *first attempts* only, never a second client: a request that fails in a way worth
-retrying (no connection, a reset, a body cut off, 5xx, SlowDown) raises :class:`Retry`, and
-:meth:`~s3ssefs.store.ObjectStore._call`'s one retry policy repeats it through boto3 (so a
-server this path does not suit is still served).  Final answers (4xx) are raised as botocore
-``ClientError`` with the fields boto3 would give, so the one errno map in ``store.py``
-applies unchanged.  SSE-C headers come from :func:`s3ssefs.keys.sse_c_headers`, the header
+retrying without an answer (no connection, a reset, a body cut off) raises :class:`Retry`;
+an error answer is raised as the botocore ``ClientError`` boto3 would give.  Both go to
+:meth:`~s3ssefs.store.ObjectStore._call`, whose one retry policy decides and repeats the
+request through boto3 (so a server this path does not suit is still served), and whose one
+errno map applies unchanged.  SSE-C headers come from :func:`s3ssefs.keys.sse_c_headers`, the header
 form of ``sse_c_params``.
 
 Only path-style endpoints (``--endpoint``, as for RGW, MinIO and the like) use it; AWS's
@@ -37,10 +37,6 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from botocore.utils import get_environ_proxies
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                             "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-                             "ExpiredToken", "RequestExpired"})
 UNSIGNED = "UNSIGNED-PAYLOAD"
 
 # response header → the boto3 field our code reads
@@ -56,14 +52,13 @@ _HEADER_FIELDS = {
 
 
 class Retry(Exception):
-    """This attempt failed in a way boto3's retry policy should handle: repeat it there."""
+    """This attempt never got an answer (no connection, a reset, a body cut off, an unreadable
+    reply): worth repeating, which the store's retry policy does through boto3."""
 
 
-def usable(endpoint: str | None, use_proxy: bool = True) -> bool:
+def usable(endpoint: str | None) -> bool:
     """The lean path serves path-style endpoints reached without a proxy."""
-    if not endpoint:
-        return False
-    return not (use_proxy and get_environ_proxies(endpoint))
+    return bool(endpoint) and not get_environ_proxies(endpoint)
 
 
 class Signer:
@@ -138,9 +133,6 @@ class WireClient:
             self._pool = urllib3.HTTPConnectionPool(host, port or 80, maxsize=pool_size,
                                                     block=False, timeout=timeout)
 
-    def close(self) -> None:
-        self._pool.close()
-
     # ------------------------------------------------------------------ the calls
     def head_object(self, key: str, headers: dict[str, str], query: str = "") -> dict[str, Any]:
         status, hdrs, _ = self._send("HEAD", key, query, headers, b"", "HeadObject")
@@ -191,9 +183,9 @@ class WireClient:
         data = resp.data or b""
         if status in ok_statuses:
             return status, resp.headers, data
+        # every answer, 5xx and SlowDown too, goes to the store's one retry policy as boto3
+        # would raise it
         code, message = _error_code(data, status)
-        if status in RETRYABLE_STATUS or code in RETRYABLE_CODES:
-            raise Retry(f"{op}: {status} {code}")
         raise ClientError({"Error": {"Code": code, "Message": message},
                            "ResponseMetadata": {"HTTPStatusCode": status, "RetryAttempts": 0,
                                                 "HTTPHeaders": dict(resp.headers.items())}},
