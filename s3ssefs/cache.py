@@ -5,24 +5,36 @@ holds blocks of object *versions* (the caller's ``object_id`` is built from key 
 entry never goes stale: a new version simply has another id, and :meth:`BlockCache.invalidate`
 frees the old one's space early.
 
-Every block is sealed with the mount's :class:`~s3ssefs.crypto.LocalCipher` (the associated
-data names object and block, so a file swapped for another fails to open) and stored under a
-keyed-HMAC file name that says nothing about the object.  Files of earlier mounts are
-unreadable, so they are deleted on start.
+Every block is sealed with the mount's :class:`~s3ssefs.crypto.LocalCipher`; the associated
+data names object and block, so a blob read from the wrong place fails to open.  Nothing on
+disk names an object.  Files of earlier mounts are unreadable, so they are deleted on start.
 
-The cache is only a cache: a corrupt or vanished file reads as a miss, and a full disk drops
-the block (after evicting and retrying once) with one warning per mount instead of failing the
-read that wanted to store it.
+Layout: sealed blobs live in sparse *slot files*, one per size class.  Class ``c`` holds slots
+of ``4096 << c`` bytes, slot ``n`` at offset ``n * (4096 << c)``; a blob goes to the smallest
+class it fits.  A freed slot's pages go back to the file system at once (a punched hole) and
+the slot is reused by the next blob of its class.  One file per class, not one per block:
+creating, renaming and deleting a file per block made ext4 spend more CPU on inode allocation
+than the cache spent on encryption (about a fifth of a cold read's CPU).  ``bytes_used`` counts
+the 4 KiB pages the blobs occupy, which is what they take on disk.
 
-Threads: many worker threads call in at once.  One lock guards the index, and every rename or
-unlink of a final file name happens under it, so "in the index" and "file exists" always agree.
-Encryption and the writing and reading of file contents happen outside the lock; a reader that
-opened a file just before it was replaced or unlinked still reads a whole, valid blob.
+The cache is only a cache: a damaged slot reads as a miss, and a full disk drops the block
+(after evicting and retrying once) with one warning per mount instead of failing the read that
+wanted to store it.
+
+Threads: many worker threads call in at once.  One lock guards the index, the free slots and
+the file descriptors; ``pread``/``pwrite`` of blob contents and encryption happen outside it.
+A reader whose slot was freed or reused meanwhile reads a blob that fails authentication, which
+is a miss, never wrong data.  A writer fills a slot it has taken out of the free list, and the
+entry enters the index only once the write is complete.  The files' descriptors stay open until
+the last call in flight has left, so no descriptor number is reused under a running call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import heapq
 import logging
 import os
 import re
@@ -30,33 +42,63 @@ import secrets
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from .crypto import CorruptBlock, LocalCipher
+from .crypto import OVERHEAD, BufferPool, CorruptBlock, LocalCipher
 
 log = logging.getLogger(__name__)
 
-_OUR_FILE = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]+\.tmp)?")
+PAGE = 4096
+_OUR_FILE = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]+\.tmp)?|slots-[0-9a-f]{16}-[0-9]+")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 _Key = tuple[str, int]
+
+
+class _Entry(NamedTuple):
+    cls: int  # size class: slots of PAGE << cls bytes
+    slot: int
+    length: int  # of the sealed blob
 
 
 def _aad(object_id: str, block_no: int) -> bytes:
     return f"cache\0{block_no}\0".encode() + object_id.encode("utf-8", "surrogateescape")
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Write a new file, removing it again if that fails."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _pages(length: int) -> int:
+    """Bytes of disk a blob of ``length`` bytes occupies."""
+    return -(-length // PAGE) * PAGE
+
+
+def _class_of(length: int) -> int:
+    return max(0, (length - 1).bit_length() - PAGE.bit_length() + 1)
+
+
+def _load_fallocate() -> Any:
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Give ``[offset, offset+length)`` of the file back to the file system (a hole)."""
+    if _fallocate is None or _fallocate(fd, _PUNCH_HOLE, offset, length) != 0:
+        code = ctypes.get_errno() if _fallocate is not None else errno.ENOSYS
+        raise OSError(code, os.strerror(code))
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class BlockCache:
@@ -67,12 +109,18 @@ class BlockCache:
         self.max_bytes = max_bytes
         self._cipher = cipher
         self._lock = threading.Lock()
-        self._index: OrderedDict[_Key, int] = OrderedDict()  # -> size on disk, LRU first
+        self._index: OrderedDict[_Key, _Entry] = OrderedDict()  # LRU first
         self._bytes_used = 0
         self._hits = 0
         self._misses = 0
         self._closed = False
+        self._busy = 0  # calls between taking a descriptor and being done with it
         self._warned: set[int] = set()  # errnos already reported
+        self._files: dict[int, tuple[int, Path]] = {}  # class -> (fd, path)
+        self._free: dict[int, list[int]] = {}  # class -> freed slots (a heap: lowest first)
+        self._next: dict[int, int] = {}  # class -> first never-used slot
+        self._tag = secrets.token_hex(8)
+        self._buffers = BufferPool()
 
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Only names we make: a cache directory pointed at the wrong place loses nothing else.
@@ -94,67 +142,98 @@ class BlockCache:
 
     @property
     def bytes_used(self) -> int:
-        """Bytes of cache files on disk."""
+        """Bytes of disk the cached blobs occupy (whole 4 KiB pages)."""
         return self._bytes_used
-
-    def _path(self, key: _Key) -> Path:
-        return self.directory / self._cipher.name_for(key[0], str(key[1]))
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         with self._lock:
             return key in self._index
 
     def get(self, object_id: str, block_no: int) -> bytes | None:
-        """The block's plaintext, or None on a miss (corrupt or vanished files count as one)."""
+        """The block's plaintext, or None on a miss (a damaged slot counts as one)."""
         key = (object_id, block_no)
         with self._lock:
-            if key not in self._index:
+            entry = self._index.get(key)
+            if entry is None:
                 self._misses += 1
                 return None
             self._index.move_to_end(key)
-        path = self._path(key)
+            fd = self._files[entry.cls][0]
+            self._busy += 1
+        data: bytes | None = None
         try:
-            data = self._cipher.open(path.read_bytes(), _aad(*key))
+            with self._buffers.take(entry.length) as buf:
+                n = os.preadv(fd, [buf], entry.slot * (PAGE << entry.cls))
+                data = self._cipher.open(buf[:n], _aad(*key))
         except (OSError, CorruptBlock) as exc:
-            log.debug("dropping unreadable cache file %s (block %d): %s", path.name, block_no, exc)
-            with self._lock:
-                self._misses += 1
-                self._drop(key)
-            return None
+            log.debug("dropping unreadable cache slot (block %d): %s", block_no, exc)
         with self._lock:
+            self._leave()
+            if data is None:
+                self._misses += 1
+                if self._index.get(key) is entry:
+                    self._drop(key)
+                return None
             self._hits += 1
         return data
 
-    def put(self, object_id: str, block_no: int, data: bytes) -> None:
+    def put(self, object_id: str, block_no: int, data: bytes | memoryview) -> None:
         """Store a block, evicting the least recently used ones to stay within ``max_bytes``."""
         key = (object_id, block_no)
-        blob = self._cipher.seal(data, _aad(*key))
-        if len(blob) > self.max_bytes:
+        length = len(data) + OVERHEAD
+        size = _pages(length)
+        if size > self.max_bytes:
             return
-        path = self._path(key)
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+        cls = _class_of(length)
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                fd = self._file(cls)
+            except OSError as exc:
+                failure: OSError | None = exc
+            else:
+                failure = None
+                entry = _Entry(cls, self._take_slot(cls), length)
+                self._busy += 1
+        if failure is not None:
+            self._warn_once(failure)
+            return
+        stored = False
         try:
-            _write_file(tmp, blob)
+            with self._buffers.take(length) as blob:
+                self._cipher.seal_into(data, _aad(*key), blob)
+                stored = self._write(fd, blob, entry.slot * (PAGE << cls), size)
+        finally:
+            with self._lock:
+                if stored and not self._closed:
+                    if key in self._index:
+                        self._drop(key)
+                    self._index[key] = entry
+                    self._bytes_used += size
+                    self._evict(self.max_bytes)
+                elif not self._closed:
+                    self._free_slot(entry)
+                self._leave()
+
+    def _write(self, fd: int, blob: memoryview, offset: int, size: int) -> bool:
+        """Write a blob to its slot; on a full disk evict ``size`` bytes' worth and try once
+        more.  False (with one warning per mount and errno) if it could not be stored."""
+        try:
+            _pwrite_all(fd, blob, offset)
+            return True
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 self._warn_once(exc)
-                return
-            with self._lock:  # make room for this block, then try once more
-                self._evict(self._bytes_used - len(blob))
-            try:
-                _write_file(tmp, blob)
-            except OSError as exc2:
-                self._warn_once(exc2)
-                return
-        with self._lock:
-            if self._closed:
-                tmp.unlink(missing_ok=True)
-                return
-            os.replace(tmp, path)
-            self._bytes_used -= self._index.pop(key, 0)
-            self._index[key] = len(blob)
-            self._bytes_used += len(blob)
-            self._evict(self.max_bytes)
+                return False
+        with self._lock:  # make room for this block, then try once more
+            self._evict(self._bytes_used - size)
+        try:
+            _pwrite_all(fd, blob, offset)
+            return True
+        except OSError as exc:
+            self._warn_once(exc)
+            return False
 
     def invalidate(self, object_id: str) -> None:
         """Drop every block of ``object_id``."""
@@ -172,21 +251,54 @@ class BlockCache:
         """Delete every file this cache made; later puts store nothing."""
         with self._lock:
             self._closed = True
-            for key in list(self._index):
-                self._drop(key)
+            self._index.clear()
+            self._bytes_used = 0
+            for _, path in self._files.values():
+                path.unlink(missing_ok=True)
+            if self._busy == 0:
+                self._close_files()
+
+    # ------------------------------------------------------------------ under the lock
+    def _file(self, cls: int) -> int:
+        if cls not in self._files:
+            path = self.directory / f"slots-{self._tag}-{cls}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._files[cls] = (fd, path)
+        return self._files[cls][0]
+
+    def _take_slot(self, cls: int) -> int:
+        free = self._free.get(cls)
+        if free:
+            return heapq.heappop(free)
+        slot = self._next.get(cls, 0)
+        self._next[cls] = slot + 1
+        return slot
+
+    def _free_slot(self, entry: _Entry) -> None:
+        try:
+            _punch(self._files[entry.cls][0], entry.slot * (PAGE << entry.cls), PAGE << entry.cls)
+        except OSError as exc:  # the blob stays (sealed) until the slot is reused
+            log.debug("could not free cache space: %s", exc)
+        heapq.heappush(self._free.setdefault(entry.cls, []), entry.slot)
 
     def _drop(self, key: _Key) -> None:
-        # Caller holds the lock.
-        self._bytes_used -= self._index.pop(key, 0)
-        try:
-            self._path(key).unlink(missing_ok=True)
-        except OSError as exc:
-            log.debug("could not delete cache file: %s", exc)
+        entry = self._index.pop(key)
+        self._bytes_used -= _pages(entry.length)
+        self._free_slot(entry)
 
     def _evict(self, limit: int) -> None:
-        # Caller holds the lock.
         while self._index and self._bytes_used > max(limit, 0):
             self._drop(next(iter(self._index)))
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._closed and self._busy == 0:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
     def _warn_once(self, exc: OSError) -> None:
         code = exc.errno or 0

@@ -17,6 +17,9 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -54,7 +57,17 @@ class LocalCipher:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
-    def open(self, blob: bytes | memoryview, aad: bytes) -> bytes:
+    def seal_into(self, plaintext: bytes | bytearray | memoryview, aad: bytes,
+                  out: memoryview) -> int:
+        """:meth:`seal` written into ``out`` (at least ``len(plaintext) + OVERHEAD`` bytes);
+        returns the blob's length."""
+        n = len(plaintext) + OVERHEAD
+        nonce = os.urandom(NONCE_SIZE)
+        out[:NONCE_SIZE] = nonce
+        self._aead.encrypt_into(nonce, plaintext, aad, out[NONCE_SIZE:n])
+        return n
+
+    def open(self, blob: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         """Return the plaintext of a blob made by :meth:`seal` with the same ``aad``."""
         if len(blob) < OVERHEAD:
             raise CorruptBlock(f"sealed blob too short ({len(blob)} bytes)")
@@ -73,3 +86,31 @@ class LocalCipher:
         for part in parts:
             mac.update(_encode(part))
         return mac.hexdigest()
+
+
+class BufferPool:
+    """A few reusable buffers for blobs on their way to or from disk.
+
+    A fresh megabyte buffer per block costs a page fault per 4 KiB the first time it is
+    written (the kernel hands out zeroed pages); sealing into, or reading into, a reused one
+    costs none.  That was about a quarter of the CPU of putting a block in the cache.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._free: list[bytearray] = []
+
+    @contextmanager
+    def take(self, size: int) -> Iterator[memoryview]:
+        """A writable view of ``size`` bytes, valid until the ``with`` block ends."""
+        with self._lock:
+            buf = self._free.pop() if self._free else bytearray()
+        if len(buf) < size:
+            buf = bytearray(size)
+        try:
+            yield memoryview(buf)[:size]
+        finally:
+            with self._lock:
+                if len(self._free) < self._keep:
+                    self._free.append(buf)

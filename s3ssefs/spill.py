@@ -22,11 +22,12 @@ import secrets
 import threading
 from pathlib import Path
 
-from .crypto import OVERHEAD, CorruptBlock, LocalCipher
+from .crypto import OVERHEAD, BufferPool, CorruptBlock, LocalCipher
 
 log = logging.getLogger(__name__)
 
 _HEADER = 4
+_buffers = BufferPool()  # shared by every spill: only the blocks in flight need one
 
 
 class Spill:
@@ -66,12 +67,13 @@ class Spill:
             raise ValueError(f"negative block number {block_no}")
         if len(data) > self.block_size:
             raise ValueError(f"{len(data)} bytes do not fit a block of {self.block_size}")
-        blob = self._cipher.seal(data, self._aad(block_no))
-        view = memoryview(len(blob).to_bytes(_HEADER, "big") + blob)
         fd, offset = self._fileno(), block_no * self._slot_size
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        with _buffers.take(_HEADER + len(data) + OVERHEAD) as view:
+            n = self._cipher.seal_into(data, self._aad(block_no), view[_HEADER:])
+            view[:_HEADER] = n.to_bytes(_HEADER, "big")
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
         with self._lock:
             self._blocks.add(block_no)
 
@@ -83,10 +85,10 @@ class Spill:
         length = int.from_bytes(os.pread(fd, _HEADER, offset), "big")
         if not OVERHEAD <= length <= self._slot_size - _HEADER:
             raise CorruptBlock(f"spill block {block_no} has a bad length")
-        blob = os.pread(fd, length, offset + _HEADER)
-        if len(blob) != length:
-            raise CorruptBlock(f"spill block {block_no} is truncated")
-        return self._cipher.open(blob, self._aad(block_no))
+        with _buffers.take(length) as blob:
+            if os.preadv(fd, [blob], offset + _HEADER) != length:
+                raise CorruptBlock(f"spill block {block_no} is truncated")
+            return self._cipher.open(blob, self._aad(block_no))
 
     def has_block(self, block_no: int) -> bool:
         with self._lock:

@@ -19,7 +19,7 @@ import pytest
 
 from s3ssefs import cache as cache_mod
 from s3ssefs import spill as spill_mod
-from s3ssefs.cache import BlockCache
+from s3ssefs.cache import PAGE, BlockCache
 from s3ssefs.crypto import OVERHEAD, CorruptBlock, LocalCipher
 from s3ssefs.spill import Spill
 
@@ -31,8 +31,9 @@ def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()]
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in files_under(path))
+def disk_used(path: Path) -> int:
+    """Bytes of disk the files under ``path`` occupy (holes take none)."""
+    return sum(p.stat().st_blocks * 512 for p in files_under(path))
 
 
 def make_cache(tmp_path: Path, max_bytes: int = 1 << 20) -> BlockCache:
@@ -94,7 +95,7 @@ def test_cache_round_trip_and_stats(tmp_path: Path) -> None:
     assert cache.get("obj", 1) == b""
     assert cache.get("other", 0) is None
     assert (cache.hits, cache.misses) == (2, 2)
-    assert cache.bytes_used == disk_bytes(tmp_path) == 16 + 0 + 2 * OVERHEAD
+    assert cache.bytes_used == disk_used(tmp_path) == 2 * PAGE  # a blob takes whole pages
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
 
 
@@ -116,26 +117,26 @@ def test_no_plaintext_or_object_names_on_disk(tmp_path: Path) -> None:
 
 
 def test_lru_evicts_least_recently_used_and_stays_within_size(tmp_path: Path) -> None:
-    block = 1000
-    cache = make_cache(tmp_path, max_bytes=3 * (block + OVERHEAD))
+    block = PAGE - OVERHEAD  # one page on disk
+    cache = make_cache(tmp_path, max_bytes=3 * PAGE)
     for n in range(3):
         cache.put("obj", n, bytes([n]) * block)
     assert cache.get("obj", 0) is not None  # 0 is now the most recently used; 1 the least
     cache.put("obj", 3, b"\3" * block)
     assert cache.get("obj", 1) is None
     assert [cache.get("obj", n) for n in (0, 2, 3)] == [bytes([n]) * block for n in (0, 2, 3)]
-    assert cache.bytes_used == disk_bytes(tmp_path) <= cache.max_bytes
+    assert cache.bytes_used == disk_used(tmp_path) <= cache.max_bytes
 
     rng = random.Random(1)
     for i in range(200):
         cache.put(f"o{i % 7}", i % 5, os.urandom(rng.randrange(0, 2 * block)))
-        assert cache.bytes_used == disk_bytes(tmp_path) <= cache.max_bytes
+        assert cache.bytes_used == disk_used(tmp_path) <= cache.max_bytes
 
 
 def test_block_larger_than_cache_is_not_stored(tmp_path: Path) -> None:
-    cache = make_cache(tmp_path, max_bytes=100)
+    cache = make_cache(tmp_path, max_bytes=PAGE)
     cache.put("obj", 0, b"x" * 50)
-    cache.put("obj", 1, b"y" * 100)
+    cache.put("obj", 1, b"y" * PAGE)
     assert cache.get("obj", 0) == b"x" * 50
     assert cache.get("obj", 1) is None
 
@@ -148,11 +149,10 @@ def test_invalidate_drops_only_that_object(tmp_path: Path) -> None:
     cache.invalidate("old-version")
     assert all(cache.get("old-version", n) is None for n in range(3))
     assert all(cache.get("neighbour", n) == b"keep" for n in range(3))
-    assert len(files_under(tmp_path)) == 3
-    assert cache.bytes_used == disk_bytes(tmp_path)
+    assert cache.bytes_used == disk_used(tmp_path) == 3 * PAGE  # the space came back
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "zero"])
 def test_damaged_cache_file_is_a_miss_not_wrong_data(tmp_path: Path, damage: str) -> None:
     cache = make_cache(tmp_path)
     cache.put("obj", 0, b"good data" * 100)
@@ -164,21 +164,20 @@ def test_damaged_cache_file_is_a_miss_not_wrong_data(tmp_path: Path, damage: str
     elif damage == "truncate":
         f.write_bytes(raw[:20])
     else:
-        f.unlink()
+        f.write_bytes(bytes(len(raw)))
     assert cache.get("obj", 0) is None
-    assert files_under(tmp_path) == []
-    assert cache.bytes_used == 0
+    assert cache.bytes_used == disk_used(tmp_path) == 0
     cache.put("obj", 0, b"fresh")  # the entry works again afterwards
     assert cache.get("obj", 0) == b"fresh"
 
 
-def test_swapped_cache_file_is_a_miss(tmp_path: Path) -> None:
-    cipher = LocalCipher()
-    cache = BlockCache(tmp_path, 1 << 20, cipher)
+def test_swapped_cache_slot_is_a_miss(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path, 1 << 20, LocalCipher())
     cache.put("obj", 0, b"block 0")
     cache.put("obj", 1, b"block 1")
-    src, dst = (tmp_path / cipher.name_for("obj", str(n)) for n in (0, 1))
-    dst.write_bytes(src.read_bytes())
+    (f,) = files_under(tmp_path)  # both in one slot file: slot 0 at 0, slot 1 at PAGE
+    raw = f.read_bytes()
+    f.write_bytes(raw[:PAGE] + raw[:PAGE])
     assert cache.get("obj", 1) is None
     assert cache.get("obj", 0) == b"block 0"
 
@@ -186,6 +185,7 @@ def test_swapped_cache_file_is_a_miss(tmp_path: Path) -> None:
 def test_leftovers_of_earlier_mounts_are_removed_other_files_kept(tmp_path: Path) -> None:
     (tmp_path / ("ab" * 32)).write_bytes(b"old sealed block")
     (tmp_path / ("cd" * 32 + ".0123abcd.tmp")).write_bytes(b"half a block")
+    (tmp_path / "slots-0123456789abcdef-8").write_bytes(b"old slots")
     (tmp_path / "notes.txt").write_bytes(b"not ours")
     BlockCache(tmp_path, 1 << 20, LocalCipher())
     assert [p.name for p in files_under(tmp_path)] == ["notes.txt"]
@@ -195,7 +195,7 @@ def test_clear_and_close_delete_the_files(tmp_path: Path) -> None:
     cache = make_cache(tmp_path)
     cache.put("a", 0, b"x")
     cache.clear()
-    assert files_under(tmp_path) == [] and cache.bytes_used == 0
+    assert disk_used(tmp_path) == 0 and cache.bytes_used == 0
     cache.put("a", 0, b"x")
     cache.put("b", 5, b"y")
     cache.close()
@@ -209,7 +209,7 @@ def test_full_disk_drops_the_block_with_one_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = make_cache(tmp_path)
-    monkeypatch.setattr(cache_mod.os, "write", disk_full(os.write, times=10**9))
+    monkeypatch.setattr(cache_mod.os, "pwrite", disk_full(os.pwrite, times=10**9))
     with caplog.at_level(logging.WARNING, logger="s3ssefs.cache"):
         cache.put("obj", 0, b"data")
         cache.put("obj", 1, b"data")
@@ -217,7 +217,7 @@ def test_full_disk_drops_the_block_with_one_warning(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert cache.get("obj", 0) is None and cache.get("obj", 1) is None
-    assert files_under(tmp_path) == [] and cache.bytes_used == 0
+    assert disk_used(tmp_path) == 0 and cache.bytes_used == 0
     cache.put("obj", 0, b"data")  # space is back
     assert cache.get("obj", 0) == b"data"
 
@@ -228,14 +228,14 @@ def test_full_disk_evicts_and_retries(
     cache = make_cache(tmp_path)
     cache.put("obj", 0, b"oldest" * 100)
     cache.put("obj", 1, b"newer" * 100)
-    monkeypatch.setattr(cache_mod.os, "write", disk_full(os.write, times=1))
+    monkeypatch.setattr(cache_mod.os, "pwrite", disk_full(os.pwrite, times=1))
     cache.put("obj", 2, b"new" * 100)
     monkeypatch.undo()
     assert cache.get("obj", 2) == b"new" * 100
     assert cache.get("obj", 0) is None  # made room
     assert cache.get("obj", 1) == b"newer" * 100
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert cache.bytes_used == disk_bytes(tmp_path)
+    assert cache.bytes_used == disk_used(tmp_path)
 
 
 def test_concurrent_put_get_invalidate_stays_consistent(tmp_path: Path) -> None:
@@ -258,8 +258,7 @@ def test_concurrent_put_get_invalidate_stays_consistent(tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(worker, range(8)))
-    assert cache.bytes_used == disk_bytes(tmp_path) <= cache.max_bytes
-    assert not [p for p in files_under(tmp_path) if p.name.endswith(".tmp")]
+    assert cache.bytes_used == disk_used(tmp_path) <= cache.max_bytes
     cache.close()
     assert files_under(tmp_path) == []
 
