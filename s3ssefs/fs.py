@@ -511,7 +511,7 @@ class Filesystem(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dirs[fh]
         if start_id == 0 or start_id < h.pos - len(h.pending):
-            h.stream = self._entries(h.node)
+            h.stream = self._with_dots(h.node)
             h.pos = 0
             h.pending = []
         h.pending = [p for p in h.pending if p[0] >= start_id]
@@ -523,7 +523,8 @@ class Filesystem(pyfuse3.Operations):
                 ttl = self.ttl if self._fresh(node) else 0.0
                 if not pyfuse3.readdir_reply(token, name.encode(), node.entry(ttl), idx + 1):
                     return
-                node.lookups += 1
+                if name not in (".", ".."):  # the kernel takes no reference on those
+                    node.lookups += 1
                 h.pending.pop(0)
             assert h.stream is not None
             try:
@@ -532,6 +533,15 @@ class Filesystem(pyfuse3.Operations):
                 return
             h.pending.append((h.pos, name, node))
             h.pos += 1
+
+    async def _with_dots(self, dnode: Node) -> AsyncIterator[tuple[str, Node]]:
+        """``.`` and ``..`` first, as every POSIX file system lists them (``ls -a``,
+        ``find``'s link counting), then the directory's entries."""
+        yield ".", dnode
+        parent = self.inodes.find(dnode.path.rpartition("/")[0]) if dnode.path else None
+        yield "..", parent or dnode
+        async for entry in self._entries(dnode):
+            yield entry
 
     async def _entries(self, dnode: Node) -> AsyncIterator[tuple[str, Node]]:
         """A directory's entries, page by page: S3's, plus files created here not yet

@@ -676,6 +676,25 @@ def test_implied_directories(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
     assert all_keys(s3, bucket) == set()
 
 
+def test_dot_entries_are_listed(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """``ls -a`` shows ``.`` and ``..`` first, with the inode numbers of the directory and
+    its parent, at the root, in a directory made here and in one that is only a prefix."""
+    (mnt.path / "made" / "sub").mkdir(parents=True)
+    s3.put_object(Bucket=bucket, Key="implied/x.txt", Body=b"x", **sse(key))
+    for d, parent in ((mnt.path, mnt.path), (mnt.path / "made", mnt.path),
+                      (mnt.path / "made" / "sub", mnt.path / "made"),
+                      (mnt.path / "implied", mnt.path)):
+        out = subprocess.run(["ls", "-a1i", str(d)], check=True, capture_output=True,
+                             text=True).stdout.split("\n")
+        (dot_ino, dot), (dotdot_ino, dotdot) = (ln.split() for ln in out[:2])
+        assert (dot, dotdot) == (".", "..")
+        if d != mnt.path:  # the root's ".." is outside the mount
+            assert int(dot_ino) == d.stat().st_ino
+            assert int(dotdot_ino) == parent.stat().st_ino
+    assert sorted(os.listdir(mnt.path / "implied")) == ["x.txt"]
+    assert sorted(os.listdir(mnt.path / "made")) == ["sub"]
+
+
 def test_symlinks(mnt: Any, s3: Any, bucket: str, key: Key) -> None:
     """Relative and absolute symlinks: readlink, following them, ``ls -l``; in S3 the body
     is the target and x-amz-meta-mode has S_IFLNK (s3fs's way)."""
