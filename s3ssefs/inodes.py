@@ -36,7 +36,7 @@ MAX_CACHED_ENTRIES = 20_000
 NAME_MAX = 255
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """One file, directory, symlink or special file the kernel knows by number."""
 
@@ -91,7 +91,7 @@ class Node:
         return e
 
 
-@dataclass
+@dataclass(slots=True)
 class Listing:
     """A directory's children as last listed: name → (is_dir, size, etag, mtime)."""
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 MODE, UID, GID, MTIME, RDEV, ATIME, CTIME = "mode", "uid", "gid", "mtime", "rdev", "atime", "ctime"
 
 
-@dataclass
+@dataclass(slots=True)
 class Attrs:
     """What ``stat`` shows for one object; times in nanoseconds."""
 
