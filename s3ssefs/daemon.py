@@ -56,6 +56,27 @@ def harden_process() -> None:
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt()
+MALLOC_KEEP = 64 << 20
+MALLOC_MMAP_FROM = 32 << 20
+
+
+def tune_malloc() -> None:
+    """Let glibc reuse freed megabyte buffers instead of handing them back to the kernel.
+
+    Every GET body is a fresh multi-megabyte buffer.  With glibc's defaults most come from new
+    mappings or from heap space just trimmed, and the kernel then faults in (and zeroes) each
+    4 KiB page: a cold 1 GiB read took 205,000 page faults.  Keeping up to MALLOC_KEEP free
+    at the top of each heap and serving buffers up to MALLOC_MMAP_FROM from the heaps cut that
+    to 131,000 and the daemon's CPU by about 5% (median of 5 interleaved runs).  Not glibc:
+    nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP)
+        libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_FROM)
+
+
 def runtime_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/s3ssefs")
@@ -347,6 +368,7 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
     assert cfg.mountpoint is not None
     harden_process()
+    tune_malloc()
 
     def fail(msg: str) -> int:
         log.error("%s", msg)
