@@ -632,7 +632,11 @@ class ObjectStore:
     async def upload_part(self, key: str, upload_id: str, part_no: int, body: bytes,
                           sse_key: Key | None) -> str:
         what = self._what(f"UploadPart {part_no}", key)
-        r = await self._guarded("upload_part", what, self.client.upload_part,
+        lean = None
+        if self.wire is not None:
+            lean = partial(self.wire.upload_part, key, upload_id, part_no,
+                           sse_c_headers(sse_key), body)
+        r = await self._guarded("upload_part", what, self.client.upload_part, lean,
                                 Bucket=self.bucket, Key=key, UploadId=upload_id,
                                 PartNumber=part_no, Body=body, **sse_c_params(sse_key))
         self.stats.request("part_bytes", up=len(body))

@@ -150,6 +150,14 @@ class WireClient:
         status, hdrs, _ = self._send("PUT", key, "", headers, body, "PutObject")
         return _fields(hdrs, status)
 
+    def upload_part(self, key: str, upload_id: str, part_no: int, headers: dict[str, str],
+                    body: bytes) -> dict[str, Any]:
+        """One part of a multipart upload, the body sent in one piece (boto3 streams it in
+        16 KiB writes and spends twice the CPU on an 8 MiB part)."""
+        query = f"partNumber={part_no}&uploadId={quote(upload_id, safe='-_.~')}"
+        status, hdrs, _ = self._send("PUT", key, query, headers, body, "UploadPart")
+        return _fields(hdrs, status)
+
     def list_objects_v2(self, params: dict[str, str]) -> dict[str, Any]:
         """One ListObjectsV2 page (``params``: prefix, delimiter, max-keys, …), keys asked
         URL-encoded (as boto3 does, so any byte in a key survives the XML) and decoded."""
