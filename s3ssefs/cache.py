@@ -14,7 +14,7 @@ of ``4096 << c`` bytes, slot ``n`` at offset ``n * (4096 << c)``; a blob goes to
 class it fits.  A freed slot's pages go back to the file system at once (a punched hole) and
 the slot is reused by the next blob of its class.  One file per class, not one per block:
 creating, renaming and deleting a file per block made ext4 spend more CPU on inode allocation
-than the cache spent on encryption (about a fifth of a cold read's CPU).  ``bytes_used`` counts
+than the cache spent on encryption (about a sixth of a cold read's CPU).  ``bytes_used`` counts
 the 4 KiB pages the blobs occupy, which is what they take on disk.
 
 The cache is only a cache: a damaged slot reads as a miss, and a full disk drops the block

@@ -1,9 +1,9 @@
 """Encryption for everything this program puts on local disk.
 
 Objects are encrypted in S3 with the customer's key, so their plaintext must not end up in the
-clear in the block cache or the write spill either.  Each mount makes a random AES-256-GCM key
-and a random HMAC key, keeps them in memory only and forgets them when it exits: whatever a
-mount leaves on disk (after a crash, say) cannot be read by anyone, not even the next mount.
+clear in the block cache or the write spill either.  Each mount makes a random AES-256-GCM key,
+keeps it in memory only and forgets it when it exits: whatever a mount leaves on disk (after a
+crash, say) cannot be read by anyone, not even the next mount.
 
 GCM authenticates as well as encrypts, and callers pass *associated data* naming what a blob
 is (which object, which block); a file that was truncated, corrupted or swapped for another
@@ -13,8 +13,6 @@ far more blobs than one mount writes.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import threading
@@ -36,18 +34,11 @@ class CorruptBlock(Exception):
     """A sealed blob failed authentication or is truncated."""
 
 
-def _encode(part: str | bytes) -> bytes:
-    # surrogateescape: names that came from the kernel may hold undecodable bytes.
-    data = part.encode("utf-8", "surrogateescape") if isinstance(part, str) else part
-    return len(data).to_bytes(8, "big") + data
-
-
 class LocalCipher:
     """AES-256-GCM with a random key made per mount, held only in memory."""
 
     def __init__(self) -> None:
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
-        self._name_key = os.urandom(32)
 
     def __repr__(self) -> str:
         return "<LocalCipher>"  # never show key material
@@ -76,16 +67,6 @@ class LocalCipher:
             return self._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
         except InvalidTag:
             raise CorruptBlock("sealed blob failed authentication") from None
-
-    def name_for(self, *parts: str | bytes) -> str:
-        """A stable file name for ``parts`` that reveals nothing about them (keyed HMAC, hex).
-
-        Each part is length-prefixed, so ``("ab", "c")`` and ``("a", "bc")`` differ.
-        """
-        mac = hmac.new(self._name_key, digestmod=hashlib.sha256)
-        for part in parts:
-            mac.update(_encode(part))
-        return mac.hexdigest()
 
 
 class BufferPool:

@@ -72,16 +72,6 @@ def test_cipher_round_trip_and_authentication() -> None:
         LocalCipher().open(blob, b"aad")  # another mount's key
 
 
-def test_cipher_names_are_stable_per_mount_and_opaque() -> None:
-    c = LocalCipher()
-    name = c.name_for(OBJECT_NAME, "3")
-    assert name == c.name_for(OBJECT_NAME, b"3")
-    assert len(name) == 64 and "secret" not in name
-    assert name != c.name_for(OBJECT_NAME, "4")
-    assert c.name_for("ab", "c") != c.name_for("a", "bc")
-    assert name != LocalCipher().name_for(OBJECT_NAME, "3")
-
-
 # --- BlockCache ------------------------------------------------------------------------------
 
 
