@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import random
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,6 +252,44 @@ def test_concurrent_put_get_invalidate_stays_consistent(tmp_path: Path) -> None:
     assert cache.bytes_used == disk_used(tmp_path) <= cache.max_bytes
     cache.close()
     assert files_under(tmp_path) == []
+
+
+def test_close_while_threads_read_and_write(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Closing the cache under running puts and gets fails none of them and leaves no file:
+    calls in flight finish on descriptors that stay open until the last one leaves (a write
+    to a closed one would warn that the cache cannot store blocks), and every call after the
+    close is a miss or a no-op."""
+    cache = make_cache(tmp_path, max_bytes=1024 * PAGE)
+    payload = os.urandom(64 * PAGE)  # long writes: some are in flight when close() runs
+    busy = threading.Event()  # the workers are well under way
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for i in range(600):
+                n = rng.randrange(16)
+                if rng.random() < 0.5:
+                    cache.put("obj", n, payload)
+                else:
+                    assert cache.get("obj", n) in (None, payload)
+                if i == 100:
+                    busy.set()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    busy.wait()
+    cache.close()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert files_under(tmp_path) == [] and cache.bytes_used == 0
+    assert cache.get("obj", 0) is None
 
 
 # --- Spill -----------------------------------------------------------------------------------
