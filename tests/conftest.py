@@ -8,12 +8,14 @@ start, every test that needs it fails loudly — nothing is skipped.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,32 @@ def keyfile(tmp_path: Path, key: Key) -> Path:
     path = tmp_path / "keys.toml"
     kf.save(path)
     return path
+
+
+def sse(key: Key) -> dict[str, str]:
+    """boto3 parameters that read or write an object with ``key`` (SSE-C)."""
+    return {"SSECustomerAlgorithm": "AES256",
+            "SSECustomerKey": base64.b64encode(key.raw).decode(),
+            "SSECustomerKeyMD5": key.fingerprint}
+
+
+def bucket_sha(s3: Any, bucket: str, name: str, key: Key) -> str | None:
+    """sha256 of the object read with the key (SSE-C), None while it does not exist."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=name, **sse(key))["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    return hashlib.sha256(body).hexdigest()
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, step: float = 0.5) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` seconds have passed."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
 
 
 def key_forms(raw: bytes) -> list[bytes]:

@@ -11,7 +11,6 @@ Run with ``-s`` to see the daemon's peak RSS figures.
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
 import json
@@ -25,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import S3SSEFS, Mounted, Rgw, assert_no_key_material, key_forms
+from conftest import (
+    S3SSEFS,
+    Mounted,
+    Rgw,
+    assert_no_key_material,
+    bucket_sha,
+    key_forms,
+    sse,
+    wait_for,
+)
 from faultproxy import FaultProxy, make_leaf_cert
 
 from s3ssefs.keys import Key
@@ -95,35 +103,12 @@ def data_sha(n: int, seed: str) -> str:
     return hashlib.sha256(random.Random(seed).randbytes(n)).hexdigest()
 
 
-def sse(key: Key) -> dict[str, str]:
-    return {"SSECustomerAlgorithm": "AES256",
-            "SSECustomerKey": base64.b64encode(key.raw).decode(),
-            "SSECustomerKeyMD5": key.fingerprint}
-
-
-def bucket_sha(s3: Any, bucket: str, name: str, key: Key) -> str | None:
-    try:
-        body = s3.get_object(Bucket=bucket, Key=name, **sse(key))["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
-    return hashlib.sha256(body).hexdigest()
-
-
 def put_sse(s3: Any, bucket: str, name: str, body: bytes, key: Key) -> None:
     s3.put_object(Bucket=bucket, Key=name, Body=body, **sse(key))
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*S3SSEFS, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(pred: Any, timeout: float, step: float = 0.5) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -14,7 +14,6 @@ request that waits forever fails the test instead of hanging it.
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
 import json
@@ -28,13 +27,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import RGW_DIR, S3SSEFS, Mounted, Rgw
+from conftest import RGW_DIR, S3SSEFS, Mounted, Rgw, bucket_sha, sse, wait_for
 
 from s3ssefs.keys import Key
 
@@ -123,37 +122,12 @@ def radosgw(rgw: Rgw, bucket: str, mount_factory: Any) -> Iterator[RadosGw]:
 
 
 # ---------------------------------------------------------------------- helpers
-def wait_for(pred: Callable[[], Any], timeout: float, step: float = 0.5) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` seconds have passed."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
-
-
-def sse(key: Key) -> dict[str, str]:
-    return {"SSECustomerAlgorithm": "AES256",
-            "SSECustomerKey": base64.b64encode(key.raw).decode(),
-            "SSECustomerKeyMD5": key.fingerprint}
-
-
 def data(n: int, seed: str) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
-
-def bucket_sha(s3: Any, bucket: str, name: str, key: Key) -> str | None:
-    """sha256 of the object read with the key (SSE-C), None while it does not exist."""
-    try:
-        body = s3.get_object(Bucket=bucket, Key=name, **sse(key))["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
-    return sha(body)
 
 
 def spill_bytes(m: Mounted) -> int:
