@@ -60,6 +60,10 @@ FRAGMENT_MEM = 32 << 20
 READAHEAD_START = 4 << 20
 READAHEAD_MAX = 64 << 20
 PARTS_IN_FLIGHT = 4
+# cached blocks wanted at once are read by up to CACHE_READERS threads, CACHE_READ_RUN or more
+# each (one thread per block would cost more in hand-offs than it saves)
+CACHE_READERS = 4
+CACHE_READ_RUN = 4
 Buf = bytes | bytearray | memoryview
 
 
@@ -148,8 +152,7 @@ class BlockSource:
         waits = [self.inflight[(cid, b)] for b in wanted if (cid, b) in self.inflight]
         todo = [b for b in wanted if (cid, b) not in self.inflight and (cid, b) not in self.mem]
         if todo:
-            cached = await trio.to_thread.run_sync(
-                lambda: {b: self.cache.get(cid, b) for b in todo})
+            cached = await self._cache_get(cid, todo)
             hits = {b: d for b, d in cached.items() if d is not None}
             self.stats.add("cache_hits", len(hits))
             for b, d in hits.items():
@@ -166,6 +169,23 @@ class BlockSource:
             await gather(partial(self._fetch_run, ref, a, z) for a, z in runs)
         for ev in waits:
             await ev.wait()
+
+    async def _cache_get(self, cid: str, blocks: list[int]) -> dict[int, Buf | None]:
+        """Read ``blocks`` from the disk cache, several threads at once for a long run: the
+        cache reads the disk directly (no page cache), so serial reads would wait for each."""
+        n = min(CACHE_READERS, -(-len(blocks) // CACHE_READ_RUN))
+        if n <= 1:
+            return await trio.to_thread.run_sync(
+                lambda: {b: self.cache.get(cid, b) for b in blocks})
+        size = -(-len(blocks) // n)
+        out: dict[int, Buf | None] = {}
+
+        async def read(part: list[int]) -> None:
+            out.update(await trio.to_thread.run_sync(
+                lambda: {b: self.cache.get(cid, b) for b in part}))
+
+        await gather(partial(read, blocks[i:i + size]) for i in range(0, len(blocks), size))
+        return out
 
     async def _fetch_run(self, ref: ObjectRef, first: int, last: int) -> None:
         cid = ref.cache_id

@@ -8,9 +8,11 @@ is full; the files go away when the mount does.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import random
+import subprocess
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -149,8 +151,8 @@ def test_damaged_cache_file_is_a_miss_not_wrong_data(tmp_path: Path, damage: str
     cache.put("obj", 0, b"good data" * 100)
     (f,) = files_under(tmp_path)
     raw = bytearray(f.read_bytes())
-    if damage == "flip":
-        raw[len(raw) // 2] ^= 0x01
+    if damage == "flip":  # inside the blob (the slot's last page is padded with zeros)
+        raw[450] ^= 0x01
         f.write_bytes(raw)
     elif damage == "truncate":
         f.write_bytes(raw[:20])
@@ -227,6 +229,71 @@ def test_full_disk_evicts_and_retries(
     assert cache.get("obj", 1) == b"newer" * 100
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert cache.bytes_used == disk_used(tmp_path)
+
+
+def resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def on_disk_dir(tmp_path: Path) -> Path:
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    if kind in ("tmpfs", "ramfs"):
+        pytest.fail(f"{tmp_path} is on {kind}: this test needs a disk file system")
+    return tmp_path
+
+
+def test_big_blocks_bypass_the_page_cache_fragments_stay(tmp_path: Path) -> None:
+    """Blocks over 512 KiB go to disk with O_DIRECT (no page-cache copy of ciphertext), of any
+    length; small blobs (random-read fragments) stay buffered, so re-reading them is cheap."""
+    cache = BlockCache(on_disk_dir(tmp_path), 64 << 20, LocalCipher())
+    rng = random.Random(5)
+    big = {n: rng.randbytes(size) for n, size in enumerate(
+        [1 << 20, (1 << 20) - 1, (1 << 20) + 3, 700 * 1024 + 5, 2 << 20, 1 << 20])}
+    small = {-n - 1: rng.randbytes(64 << 10) for n in range(6)}
+    for n, data in {**big, **small}.items():
+        cache.put("obj", n, data)
+    for n, data in {**big, **small}.items():
+        assert cache.get("obj", n) == data
+    slot_files = {int(f.name.rsplit("-", 1)[1]): f for f in files_under(tmp_path)}
+    assert {c for c in slot_files if c >= cache_mod.DIRECT_FROM_CLASS} == {8, 9, 10}
+    for cls, f in slot_files.items():
+        if cls >= cache_mod.DIRECT_FROM_CLASS:
+            assert resident(f) == 0, f"class {cls} went through the page cache"
+        else:
+            assert resident(f) >= len(small) * (64 << 10)
+    assert cache.bytes_used == disk_used(tmp_path)
+
+
+def test_o_direct_refused_at_write_goes_on_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file system that opens O_DIRECT but refuses the I/O (EINVAL, other alignment): the
+    block is stored all the same, buffered from then on, without a warning."""
+    cache = BlockCache(on_disk_dir(tmp_path), 64 << 20, LocalCipher())
+    real = os.pwrite
+    refused = []
+
+    def picky(fd: int, data: object, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(cache_mod.os, "pwrite", picky)
+    blocks = {n: os.urandom(1 << 20) for n in range(3)}
+    with caplog.at_level(logging.DEBUG, logger="s3ssefs.cache"):
+        for n, data in blocks.items():
+            cache.put("obj", n, data)
+    monkeypatch.undo()
+    assert len(refused) == 1
+    assert all(cache.get("obj", n) == data for n, data in blocks.items())
+    (f,) = files_under(tmp_path)
+    assert resident(f) >= 3 << 20  # buffered now
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_concurrent_put_get_invalidate_stays_consistent(tmp_path: Path) -> None:
