@@ -13,7 +13,8 @@ the client CPU of each system are printed and, with --json, written out.
 
 Mount systems are driven with fio (sequential / random / parallel reads and writes) and plain
 file calls (small files, ls -l, rename); "boto3" runs the same workloads directly with boto3 in
-a worker subprocess (parallel ranged GETs, parallel multipart PUT) as the client-side limit.
+a worker subprocess (parallel ranged GETs, parallel multipart PUT) as the client-side limit;
+"boto3-serial" writes the small files one PUT at a time.
 See tests/bench/README.md.
 """
 
@@ -380,6 +381,7 @@ class System:
     name = "?"
     is_mount = True
     mount_timeout = 30.0
+    workloads: tuple[str, ...] | None = None  # the ones it runs; None: all
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -633,9 +635,12 @@ class Boto3(System):
     name = "boto3"
     is_mount = False
 
+    threads: int | None = None  # None: --boto3-threads
+
     def worker(self, op: str, **kw) -> dict:
         spec = {"op": op, "bucket": self.bucket, "endpoint": self.ctx.endpoint, "ca": self.ctx.ca,
-                "key_b64": self.ctx.key_b64, "threads": self.ctx.args.boto3_threads,
+                "key_b64": self.ctx.key_b64,
+                "threads": self.threads or self.ctx.args.boto3_threads,
                 "part": self.ctx.args.boto3_part, **kw}
         p = subprocess.run([sys.executable, __file__, "--boto3-worker"], input=json.dumps(spec),
                            capture_output=True, text=True, env=self.ctx.env, timeout=3600)
@@ -644,9 +649,18 @@ class Boto3(System):
         return json.loads(p.stdout)
 
 
+class Boto3Serial(Boto3):
+    """boto3 one request at a time: the small-file reference of issue #6's targets (a program
+    that writes files one after another, as a mount's user does, waits for each PUT)."""
+
+    name = "boto3-serial"
+    threads = 1
+    workloads = ("small",)
+
+
 SYSTEMS = {c.name: c for c in (S3ssefs, S3fs, S3fsNoCopyApi, S3fsNoMultipart, S3fsCache,
-                               RcloneWrites, RcloneFull, Boto3)}
-DEFAULT_SYSTEMS = "s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,boto3"
+                               RcloneWrites, RcloneFull, Boto3, Boto3Serial)}
+DEFAULT_SYSTEMS = "s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,boto3,boto3-serial"
 
 
 # --------------------------------------------------------------------------------- fio
@@ -1096,6 +1110,8 @@ def run_system(ctx: Ctx, cls, run: int, workloads: list[str], out: list[Measure]
             log(f"  FAILED: {e}")
             return
         for w in workloads:
+            if sysm.workloads is not None and w not in sysm.workloads:
+                continue
             if not sysm.alive():
                 m.errors.append(f"{w}: mount is gone (log {sysm.logf}):\n{tail(sysm.logf)}")
                 log(f"  {w}: mount is gone, skipping the rest")
