@@ -64,6 +64,7 @@ PARTS_IN_FLIGHT = 4
 # each (one thread per block would cost more in hand-offs than it saves)
 CACHE_READERS = 4
 CACHE_READ_RUN = 4
+CACHE_BACKLOG = 64 << 20
 Buf = bytes | bytearray | memoryview
 
 
@@ -99,6 +100,7 @@ class BlockSource:
         self.frag_bytes = 0
         self.inflight: dict[tuple[str, int], trio.Event] = {}
         self.nursery: trio.Nursery | None = None
+        self.cache_backlog = 0  # bytes handed to _cache_put and not yet written
 
     def _mem_get(self, k: tuple[str, int]) -> Buf | None:
         data = self.mem.get(k)
@@ -207,15 +209,29 @@ class BlockSource:
             for b, ev in events.items():
                 del self.inflight[(cid, b)]
                 ev.set()
-        if self.nursery is not None:
-            self.nursery.start_soon(self._cache_put, cid, blocks)
+        self._queue_cache_put(cid, blocks)
 
-    async def _cache_put(self, cid: str, blocks: dict[int, Buf]) -> None:
+    def _queue_cache_put(self, cid: str, blocks: dict[int, Buf]) -> None:
+        """Write ``blocks`` to the disk cache in the background, unless CACHE_BACKLOG bytes
+        already wait for a disk slower than the network: then they are not cached (each
+        waiting put holds its GET's buffer, so an unbounded queue would grow memory)."""
+        size = sum(len(d) for d in blocks.values())
+        if self.nursery is None:
+            return
+        if self.cache_backlog + size > CACHE_BACKLOG:
+            self.stats.add("cache_skipped", len(blocks))
+            return
+        self.cache_backlog += size
+        self.nursery.start_soon(self._cache_put, cid, blocks, size)
+
+    async def _cache_put(self, cid: str, blocks: dict[int, Buf], size: int) -> None:
         try:
             await trio.to_thread.run_sync(lambda: [self.cache.put(cid, b, d)
                                                    for b, d in blocks.items()])
         except Exception as e:  # only a cache: a failure costs a later GET, nothing more
             log.debug("caching blocks failed: %s", e)
+        finally:
+            self.cache_backlog -= size
 
     def prefetch(self, ref: ObjectRef, first: int, last: int) -> None:
         """Start fetching blocks in the background; errors are left to the real read."""
@@ -274,8 +290,7 @@ class BlockSource:
                 piece = bytes(data[(f - missing[0]) * FRAGMENT:(f - missing[0] + 1) * FRAGMENT])
                 have[f] = got[_frag_block(f)] = piece
                 self._frag_put((cid, f), piece)
-            if self.nursery is not None:
-                self.nursery.start_soon(self._cache_put, cid, got)
+            self._queue_cache_put(cid, got)
         for f in have:
             self.frags.move_to_end((cid, f))
         joined = b"".join(have[f] or b"" for f in range(first, last + 1))

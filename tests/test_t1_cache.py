@@ -448,3 +448,56 @@ def test_spill_concurrent_writes_to_different_blocks(tmp_path: Path) -> None:
         list(pool.map(worker, range(8)))
     assert spill.block_numbers() == list(range(64))
     assert all(spill.read_block(n) == f"{n}:19;".encode() * (n + 1) * 3 for n in range(64))
+
+
+# --- the queue in front of the cache ----------------------------------------------------------
+class _Objects:
+    """Stands in for the object store (only ``get_range``): this test is about a slow local
+    disk, which the real store cannot make."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def get_range(self, key: str, start: int, end: int, sse_key: object,
+                        version_id: str | None) -> bytes:
+        return self.data[start:end]
+
+
+async def test_slow_cache_disk_bounds_what_waits_to_be_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks fetched while the disk is stuck beyond CACHE_BACKLOG are not queued for the cache
+    (each queued put holds its GET's buffer); reads are served all the same, and what was
+    queued is cached once the disk moves."""
+    import trio
+
+    from s3ssefs import files as files_mod
+    from s3ssefs.files import BlockSource, ObjectRef
+    from s3ssefs.stats import Stats
+
+    monkeypatch.setattr(files_mod, "CACHE_BACKLOG", 10 << 20)
+    cache = BlockCache(tmp_path, 64 << 20, LocalCipher())
+    disk = threading.Event()
+    real_put = cache.put
+
+    def stuck_put(*args: object) -> None:
+        disk.wait(30)
+        real_put(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "put", stuck_put)
+    data = os.urandom(16 << 20)
+    stats = Stats()
+    source = BlockSource(_Objects(data), cache, 1 << 20, stats)  # type: ignore[arg-type]
+    ref = ObjectRef("obj", "etag", len(data), None)
+    async with trio.open_nursery() as nursery:
+        source.nursery = nursery
+        try:
+            got = await source.blocks(ref, 0, 15)  # two GETs of 8 blocks (MAX_GET)
+            assert b"".join(got) == data
+            assert source.cache_backlog == 8 << 20
+            assert stats.snapshot()["cache_skipped"] == 8
+        finally:
+            disk.set()
+    assert source.cache_backlog == 0
+    cached = [b for b in range(16) if (ref.cache_id, b) in cache]
+    assert len(cached) == 8 and cached in ([*range(8)], [*range(8, 16)])
