@@ -153,8 +153,9 @@ class BlockSource:
         cid = ref.cache_id
         waits = [self.inflight[(cid, b)] for b in wanted if (cid, b) in self.inflight]
         todo = [b for b in wanted if (cid, b) not in self.inflight and (cid, b) not in self.mem]
-        if todo:
-            cached = await self._cache_get(cid, todo)
+        on_disk = [b for b in todo if (cid, b) in self.cache]  # no thread hop for a sure miss
+        if on_disk:
+            cached = await self._cache_get(cid, on_disk)
             hits = {b: d for b, d in cached.items() if d is not None}
             self.stats.add("cache_hits", len(hits))
             for b, d in hits.items():
@@ -270,15 +271,17 @@ class BlockSource:
         first, last = start // FRAGMENT, (end - 1) // FRAGMENT
         have: dict[int, bytes | None] = {f: self.frags.get((cid, f))
                                          for f in range(first, last + 1)}
-        missing = [f for f, d in have.items() if d is None]
-        if missing:
+        # ask the disk cache (in a thread) only for what its index holds: a cold read would
+        # otherwise pay a thread round trip for nothing
+        on_disk = [f for f, d in have.items() if d is None and (cid, _frag_block(f)) in self.cache]
+        if on_disk:
             cached = await trio.to_thread.run_sync(
-                lambda: {f: self.cache.get(cid, _frag_block(f)) for f in missing})
+                lambda: {f: self.cache.get(cid, _frag_block(f)) for f in on_disk})
             for f, d in cached.items():
                 if d is not None:
                     have[f] = d
                     self._frag_put((cid, f), d)
-            missing = [f for f, d in have.items() if d is None]
+        missing = [f for f, d in have.items() if d is None]
         if missing:
             lo, hi = missing[0] * FRAGMENT, min((missing[-1] + 1) * FRAGMENT, ref.size)
             data = await self.store.get_range(ref.s3key, lo, hi, ref.sse_key, ref.version_id)
