@@ -17,12 +17,14 @@ creating, renaming and deleting a file per block made ext4 spend more CPU on ino
 than the cache spent on encryption (about a sixth of a cold read's CPU).  ``bytes_used`` counts
 the 4 KiB pages the blobs occupy, which is what they take on disk.
 
-Slot files are opened with ``O_DIRECT``: blobs go between our (page-aligned, whole-page) buffers
-and the disk without passing through the page cache.  Buffered, every cached block was copied
-into freshly allocated page-cache pages, and that copy was the largest single cost of a cold
-read (28% of the daemon's CPU in ``perf``), for ciphertext nobody else reads; hot blocks are
-kept decrypted in the memory LRU above this cache, and the kernel keeps what readers read.
-File systems without ``O_DIRECT`` (tmpfs before Linux 6.6) get buffered I/O.
+Slot files of blobs over 512 KiB (whole blocks) are opened with ``O_DIRECT``: blobs go between
+our (page-aligned, whole-page) buffers and the disk without passing through the page cache.
+Buffered, every cached block was copied into freshly allocated page-cache pages, and that copy
+was the largest single cost of a cold read (28% of the daemon's CPU in ``perf``), for
+ciphertext nobody else reads; hot blocks are kept decrypted in the memory LRU above this cache,
+and the kernel keeps what readers read.  Smaller blobs (fragments of random reads) stay
+buffered, so re-reading one is a page-cache hit.  File systems without ``O_DIRECT`` (tmpfs
+before Linux 6.6) get buffered I/O.
 
 The cache is only a cache: a damaged slot reads as a miss, and a full disk drops the block
 (after evicting and retrying once) with one warning per mount instead of failing the read that
