@@ -176,18 +176,20 @@ class BlockSource:
     async def _cache_get(self, cid: str, blocks: list[int]) -> dict[int, Buf | None]:
         """Read ``blocks`` from the disk cache, several threads at once for a long run: the
         cache reads the disk directly (no page cache), so serial reads would wait for each."""
+        def read(part: list[int]) -> dict[int, Buf | None]:
+            return {b: self.cache.get(cid, b) for b in part}
+
         n = min(CACHE_READERS, -(-len(blocks) // CACHE_READ_RUN))
         if n <= 1:
-            return await trio.to_thread.run_sync(
-                lambda: {b: self.cache.get(cid, b) for b in blocks})
+            return await trio.to_thread.run_sync(read, blocks)
         size = -(-len(blocks) // n)
         out: dict[int, Buf | None] = {}
 
-        async def read(part: list[int]) -> None:
-            out.update(await trio.to_thread.run_sync(
-                lambda: {b: self.cache.get(cid, b) for b in part}))
+        async def read_into_out(part: list[int]) -> None:
+            out.update(await trio.to_thread.run_sync(read, part))
 
-        await gather(partial(read, blocks[i:i + size]) for i in range(0, len(blocks), size))
+        await gather(partial(read_into_out, blocks[i:i + size])
+                     for i in range(0, len(blocks), size))
         return out
 
     async def _fetch_run(self, ref: ObjectRef, first: int, last: int) -> None:
@@ -216,9 +218,9 @@ class BlockSource:
         """Write ``blocks`` to the disk cache in the background, unless CACHE_BACKLOG bytes
         already wait for a disk slower than the network: then they are not cached (each
         waiting put holds its GET's buffer, so an unbounded queue would grow memory)."""
-        size = sum(len(d) for d in blocks.values())
         if self.nursery is None:
             return
+        size = sum(len(d) for d in blocks.values())
         if self.cache_backlog + size > CACHE_BACKLOG:
             self.stats.add("cache_skipped", len(blocks))
             return
