@@ -5,9 +5,15 @@ holds blocks of object *versions* (the caller's ``object_id`` is built from key 
 entry never goes stale: a new version simply has another id, and :meth:`BlockCache.invalidate`
 frees the old one's space early.
 
-Every block is sealed with the mount's :class:`~s3ssefs.crypto.LocalCipher`; the associated
-data names object and block, so a blob read from the wrong place fails to open.  Nothing on
-disk names an object.  Files of earlier mounts are unreadable, so they are deleted on start.
+Every block is sealed with the mount's :class:`~s3ssefs.crypto.LocalCipher`, in chunks of
+CHUNK bytes each sealed on its own, so a small read of a cached block reads and opens only
+the chunk holding it (:meth:`BlockCache.get_range`): random 4 KiB reads of a file in the cache
+went from about 1,000 to 2,300 a second, most of the old cost being the 1 MiB disk read.
+Chunks are 256 KiB, not smaller, because each costs a call into the cipher that lets go of
+the GIL, and reading whole blocks with 64 KiB chunks took 27% more CPU (256 KiB: 7%).  Each
+chunk's associated data names object, block, chunk and the block's length, so a chunk read
+from the wrong place fails to open.  Nothing on disk names an object.  Files of earlier mounts
+are unreadable, so they are deleted on start.
 
 Layout: sealed blobs live in sparse *slot files*, one per size class.  Class ``c`` holds slots
 of ``4096 << c`` bytes, slot ``n`` at offset ``n * (4096 << c)``; a blob goes to the smallest
@@ -68,6 +74,11 @@ _PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 # (the fragments random reads fetch) stay in it: re-reading one costs microseconds, not a disk read
 DIRECT_FROM_CLASS = 8
 
+# plaintext bytes per separately sealed chunk of a blob (see above); a sealed chunk is SEALED
+# bytes long
+CHUNK = 256 << 10
+SEALED = CHUNK + OVERHEAD
+
 _Key = tuple[str, int]
 T = TypeVar("T")
 
@@ -78,8 +89,18 @@ class _Entry(NamedTuple):
     length: int  # of the sealed blob
 
 
-def _aad(object_id: str, block_no: int) -> bytes:
-    return f"cache\0{block_no}\0".encode() + object_id.encode("utf-8", "surrogateescape")
+def _aad(object_id: str, block_no: int, chunk: int, plain: int) -> bytes:
+    return (f"cache\0{block_no}\0{chunk}\0{plain}\0".encode()
+            + object_id.encode("utf-8", "surrogateescape"))
+
+
+def _sealed_length(plain: int) -> int:
+    """Length of the blob of a ``plain``-byte block: every chunk adds OVERHEAD."""
+    return plain + max(1, -(-plain // CHUNK)) * OVERHEAD
+
+
+def _plain_length(length: int) -> int:
+    return length - -(-length // SEALED) * OVERHEAD
 
 
 def _pages(length: int) -> int:
@@ -166,25 +187,48 @@ class BlockCache:
         with self._lock:
             return key in self._index
 
-    def get(self, object_id: str, block_no: int) -> bytes | None:
-        """The block's plaintext, or None on a miss (a damaged slot counts as one)."""
+    def get(self, object_id: str, block_no: int) -> memoryview | None:
+        """The block's plaintext (read-only), or None on a miss (a damaged slot counts as
+        one)."""
+        return self._read(object_id, block_no, 0, None)
+
+    def get_range(self, object_id: str, block_no: int, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the block, reading and opening only the chunks that
+        hold them; None on a miss, or if the block is shorter than ``end``."""
+        got = self._read(object_id, block_no, start, end)
+        return None if got is None else bytes(got)
+
+    def _read(self, object_id: str, block_no: int, start: int,
+              end: int | None) -> memoryview | None:
         key = (object_id, block_no)
         with self._lock:
             entry = self._index.get(key)
-            if entry is None:
+            if entry is None or (end is not None and end > _plain_length(entry.length)):
                 self._misses += 1
                 return None
             self._index.move_to_end(key)
             fd = self._files[entry.cls][0]
             self._busy += 1
-        data: bytes | None = None
+        plain = _plain_length(entry.length)
+        end = plain if end is None else end
+        first, last = start // CHUNK, max(0, end - 1) // CHUNK
+        lo = first * SEALED // PAGE * PAGE  # O_DIRECT reads whole, aligned pages
+        hi = min((last + 1) * SEALED, entry.length)
+        data: bytearray | None = None
         try:
-            with self._buffers.take(_pages(entry.length)) as buf:
-                n = self._io(os.preadv, fd, [buf], entry.slot * (PAGE << entry.cls))
-                if n < entry.length:
-                    raise CorruptBlock(f"cache slot holds {n} of {entry.length} bytes")
-                data = self._cipher.open(buf[:entry.length], _aad(*key))
+            with self._buffers.take(_pages(hi - lo)) as buf:
+                n = self._io(os.preadv, fd, [buf], entry.slot * (PAGE << entry.cls) + lo)
+                if n < hi - lo:
+                    raise CorruptBlock(f"cache slot holds {lo + n} of {hi} bytes")
+                data = bytearray((last - first) * CHUNK + min(CHUNK, plain - last * CHUNK))
+                out = memoryview(data)
+                for c in range(first, last + 1):
+                    at = c * SEALED - lo
+                    sealed = buf[at:at + min(SEALED, entry.length - c * SEALED)]
+                    into = out[(c - first) * CHUNK:(c - first) * CHUNK + len(sealed) - OVERHEAD]
+                    self._cipher.open_into(sealed, _aad(object_id, block_no, c, plain), into)
         except (OSError, CorruptBlock) as exc:
+            data = None
             log.debug("dropping unreadable cache slot (block %d): %s", block_no, exc)
         with self._lock:
             self._leave()
@@ -194,12 +238,13 @@ class BlockCache:
                     self._drop(key)
                 return None
             self._hits += 1
-        return data
+        return memoryview(data).toreadonly()[start - first * CHUNK:end - first * CHUNK]
 
     def put(self, object_id: str, block_no: int, data: bytes | memoryview) -> None:
         """Store a block, evicting the least recently used ones to stay within ``max_bytes``."""
         key = (object_id, block_no)
-        length = len(data) + OVERHEAD
+        plain = len(data)
+        length = _sealed_length(plain)
         size = _pages(length)
         if size > self.max_bytes:
             return
@@ -221,7 +266,11 @@ class BlockCache:
         stored = False
         try:
             with self._buffers.take(size) as blob:  # whole pages, for O_DIRECT
-                self._cipher.seal_into(data, _aad(*key), blob)
+                view = memoryview(data)
+                for c in range(max(1, -(-plain // CHUNK))):
+                    self._cipher.seal_into(view[c * CHUNK:(c + 1) * CHUNK],
+                                           _aad(object_id, block_no, c, plain),
+                                           blob[c * SEALED:])
                 blob[length:] = bytes(size - length)
                 stored = self._write(fd, blob, entry.slot * (PAGE << cls), size)
         finally:

@@ -59,6 +59,17 @@ class LocalCipher:
         self._aead.encrypt_into(nonce, plaintext, aad, out[NONCE_SIZE:n])
         return n
 
+    def open_into(self, blob: bytes | bytearray | memoryview, aad: bytes,
+                  out: memoryview) -> None:
+        """:meth:`open` into ``out`` (exactly ``len(blob) - OVERHEAD`` bytes)."""
+        if len(blob) < OVERHEAD:
+            raise CorruptBlock(f"sealed blob too short ({len(blob)} bytes)")
+        view = memoryview(blob)
+        try:
+            self._aead.decrypt_into(view[:NONCE_SIZE], view[NONCE_SIZE:], aad, out)
+        except InvalidTag:
+            raise CorruptBlock("sealed blob failed authentication") from None
+
     def open(self, blob: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         """Return the plaintext of a blob made by :meth:`seal` with the same ``aad``."""
         if len(blob) < OVERHEAD:

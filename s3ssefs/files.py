@@ -4,8 +4,9 @@ Reading (:class:`BlockSource`): an object is read in fixed-size blocks.  A block
 small in-memory LRU, else from the encrypted on-disk :class:`~s3ssefs.cache.BlockCache`, else
 from S3 — consecutive missing blocks in one ranged GET, several GETs in flight, and a block
 being fetched for one reader is awaited, not fetched again, by another.  While a file is read
-sequentially the readahead window doubles (4 → 64 MiB); a random read fetches only what it
-needs.  Fetched blocks go to the disk cache from a worker thread, off the read's path.
+sequentially the readahead window doubles (4 → 64 MiB); a small random read fetches only what
+it needs, and of a block in the disk cache reads only the chunk holding it.  Fetched
+blocks go to the disk cache from a worker thread, off the read's path.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
@@ -96,7 +97,7 @@ class BlockSource:
         self.mem_bytes = 0
         self.mem_max = mem_bytes
         self.max_get_blocks = max(1, MAX_GET // block_size)
-        self.frags: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.frags: OrderedDict[tuple[str, int], Buf] = OrderedDict()
         self.frag_bytes = 0
         self.inflight: dict[tuple[str, int], trio.Event] = {}
         self.nursery: trio.Nursery | None = None
@@ -261,18 +262,34 @@ class BlockSource:
         for k in [k for k in self.frags if k[0] == cid]:
             self.frag_bytes -= len(self.frags.pop(k))
 
-    def have_block(self, ref: ObjectRef, b: int) -> bool:
-        """Block ``b`` is in memory, on its way, or in the disk cache."""
-        k = (ref.cache_id, b)
-        return k in self.mem or k in self.inflight or k in self.cache
+    async def piece(self, ref: ObjectRef, start: int, end: int) -> Buf:
+        """Bytes ``[start, end)`` of ``ref`` (inside one block) for a small random read:
+        from the block in memory, else the chunks of it the disk cache holds that cover the
+        range (not the whole block), else fragments."""
+        cid = ref.cache_id
+        b = start // self.bs
+        ev = self.inflight.get((cid, b))
+        if ev is not None:
+            await ev.wait()
+        data = self._mem_get((cid, b))
+        if data is None and (cid, b) in self.cache:
+            data = await trio.to_thread.run_sync(self.cache.get_range, cid, b,
+                                                 start - b * self.bs, end - b * self.bs)
+            if data is not None:
+                self.stats.add("cache_hits")
+                return data
+        if data is not None and len(data) >= end - b * self.bs:
+            self.stats.add("cache_hits")
+            return memoryview(data)[start - b * self.bs:end - b * self.bs]
+        return await self.fragments(ref, start, end)
 
     async def fragments(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``ref`` (inside one block) for a random read: from the
         fragment LRU, else one GET of the missing FRAGMENT-aligned span."""
         cid = ref.cache_id
         first, last = start // FRAGMENT, (end - 1) // FRAGMENT
-        have: dict[int, bytes | None] = {f: self.frags.get((cid, f))
-                                         for f in range(first, last + 1)}
+        have: dict[int, Buf | None] = {f: self.frags.get((cid, f))
+                                       for f in range(first, last + 1)}
         # ask the disk cache (in a thread) only for what its index holds: a cold read would
         # otherwise pay a thread round trip for nothing
         on_disk = [f for f, d in have.items() if d is None and (cid, _frag_block(f)) in self.cache]
@@ -301,7 +318,7 @@ class BlockSource:
         joined = b"".join(have[f] or b"" for f in range(first, last + 1))
         return joined[start - first * FRAGMENT:end - first * FRAGMENT]
 
-    def _frag_put(self, k: tuple[str, int], data: bytes) -> None:
+    def _frag_put(self, k: tuple[str, int], data: Buf) -> None:
         old = self.frags.pop(k, None)
         self.frag_bytes += len(data) - (len(old) if old is not None else 0)
         self.frags[k] = data
@@ -441,9 +458,9 @@ class FileData:
         source = self.ctx.source
         if (not self._window and self.base is not None and end <= self.base_valid
                 and first == (end - 1) // self.bs and first not in self.local
-                and end - off <= self.bs // 4 and not source.have_block(self.base, first)):
-            # a small random read of a block we do not have: fetch just around it
-            return await source.fragments(self.base, off, end)
+                and end - off <= self.bs // 4):
+            # a small random read: what it needs of a block we have, else fetch just around it
+            return await source.piece(self.base, off, end)
         if first == (end - 1) // self.bs and first not in self.local:
             # within one block of the object (the kernel's 1 MiB reads are one block each):
             # hand FUSE a view of it, no copy.  Not for a block written here: that may be a

@@ -268,6 +268,50 @@ def test_big_blocks_bypass_the_page_cache_fragments_stay(tmp_path: Path) -> None
     assert cache.bytes_used == disk_used(tmp_path)
 
 
+def test_range_read_opens_only_the_chunks_it_needs(tmp_path: Path) -> None:
+    """A small read of a cached block (a random read) reads and opens only the chunks holding
+    it, so it is right wherever it falls (inside a chunk, across two, at the short end),
+    still right when another chunk of the block is damaged, and a miss, never wrong data,
+    when one of its own chunks is."""
+    cache = BlockCache(on_disk_dir(tmp_path), 64 << 20, LocalCipher())
+    chunk = cache_mod.CHUNK
+    data = random.Random(9).randbytes(4 * chunk + 1000)  # 5 chunks, the last 1000 bytes
+    cache.put("obj", 0, data)
+    ranges = [(0, 4096), (2 * chunk - 100, 2 * chunk + 4000), (3 * chunk, 4 * chunk),
+              (len(data) - 1000, len(data)), (len(data) - 5, len(data)), (123, 124),
+              (0, len(data))]
+    for start, end in ranges:
+        assert cache.get_range("obj", 0, start, end) == data[start:end], (start, end)
+    assert cache.get_range("obj", 0, 0, len(data) + 1) is None  # past its end: no short data
+    (f,) = files_under(tmp_path)
+    sealed = chunk + OVERHEAD
+    with open(f, "r+b") as fh:  # damage chunk 3 only
+        fh.seek(3 * sealed + 100)
+        byte = fh.read(1)
+        fh.seek(3 * sealed + 100)
+        fh.write(bytes([byte[0] ^ 1]))
+    assert cache.get_range("obj", 0, chunk + 7, chunk + 4103) == data[chunk + 7:chunk + 4103]
+    assert cache.get_range("obj", 0, 3 * chunk, 3 * chunk + 4096) is None
+    assert ("obj", 0) not in cache  # a damaged block is dropped, not read again
+    assert cache.bytes_used == disk_used(tmp_path) == 0
+
+
+def test_chunk_moved_within_its_block_is_a_miss(tmp_path: Path) -> None:
+    """Chunks are bound to their place in the block (as blocks are to object and number): a
+    chunk copied over another of the same block fails to open, the untouched one still
+    reads."""
+    cache = BlockCache(on_disk_dir(tmp_path), 64 << 20, LocalCipher())
+    chunk, sealed = cache_mod.CHUNK, cache_mod.CHUNK + OVERHEAD
+    data = os.urandom(4 * chunk)
+    cache.put("obj", 0, data)
+    (f,) = files_under(tmp_path)
+    raw = bytearray(f.read_bytes())
+    raw[sealed:2 * sealed] = raw[0:sealed]  # chunk 0 copied over chunk 1
+    f.write_bytes(raw)
+    assert cache.get_range("obj", 0, 0, 100) == data[:100]
+    assert cache.get_range("obj", 0, chunk, chunk + 100) is None
+
+
 def test_o_direct_refused_at_write_goes_on_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -125,6 +125,52 @@ async def test_ranged_reads_at_unaligned_offsets(rgw, bucket, key) -> None:
     assert await store.get_range("ranges.bin", 50, 50, key) == b""
 
 
+async def test_small_reads_of_cached_blocks_read_the_cache_not_s3(rgw, bucket, key, tmp_path,
+                                                                 monkeypatch) -> None:
+    """A file read once, then at random after its blocks have left memory (a program that
+    scans a file, then seeks in it): every small read is right and costs no request, and
+    reads from disk only the chunks of the cached block that hold it, not the whole block."""
+    import random
+
+    import trio
+
+    from s3ssefs import cache as cache_mod
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import BlockSource, ObjectRef
+
+    store = make_store(rgw, bucket)
+    size = 3 * MiB + 777
+    body = data(size)
+    await store.put("scan.bin", body, key)
+    cache = BlockCache(tmp_path / "cache", 64 * MiB, LocalCipher())
+    source = BlockSource(store, cache, MiB, store.stats, mem_bytes=MiB)  # memory for a block
+    ref = ObjectRef("scan.bin", "etag", size, key)
+    async with trio.open_nursery() as nursery:  # closing it waits for the cache puts
+        source.nursery = nursery
+        assert b"".join(await source.blocks(ref, 0, 3)) == body
+    source.nursery = None
+    gets = store.stats.snapshot()["requests"]["get"]
+    read_sizes: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: list[Any], offset: int) -> int:
+        read_sizes.append(sum(len(b) for b in buffers))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(cache_mod.os, "preadv", preadv)
+    rng = random.Random(4)
+    chunk = cache_mod.CHUNK
+    offsets = [rng.randrange(0, 2 * MiB - 8192) for _ in range(30)] + [chunk - 10, MiB - 5]
+    hits = cache.hits
+    for off in offsets:
+        n = min(4096, MiB - off % MiB)  # inside one block, as the kernel's reads are
+        assert bytes(await source.piece(ref, off, off + n)) == body[off:off + n], off
+    assert store.stats.snapshot()["requests"]["get"] == gets
+    assert cache.hits - hits == len(offsets)  # blocks 0 and 1 are no longer in memory
+    assert max(read_sizes) <= 2 * (chunk + cache_mod.PAGE)
+
+
 # --- multipart -------------------------------------------------------------------------------
 
 
