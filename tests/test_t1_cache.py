@@ -282,6 +282,7 @@ def test_range_read_opens_only_the_chunks_it_needs(tmp_path: Path) -> None:
               (0, len(data))]
     for start, end in ranges:
         assert cache.get_range("obj", 0, start, end) == data[start:end], (start, end)
+    assert cache.get_range("obj", 0, chunk, chunk) == b""
     assert cache.get_range("obj", 0, 0, len(data) + 1) is None  # past its end: no short data
     (f,) = files_under(tmp_path)
     sealed = chunk + OVERHEAD
