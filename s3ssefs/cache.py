@@ -205,13 +205,13 @@ class BlockCache:
         key = (object_id, block_no)
         with self._lock:
             entry = self._index.get(key)
-            if entry is None or (end is not None and end > _plain_length(entry.length)):
+            plain = -1 if entry is None else _plain_length(entry.length)
+            if entry is None or (end is not None and end > plain):
                 self._misses += 1
                 return None
             self._index.move_to_end(key)
             fd = self._files[entry.cls][0]
             self._busy += 1
-        plain = _plain_length(entry.length)
         end = plain if end is None else end
         first, last = start // CHUNK, max(0, end - 1) // CHUNK
         lo = first * SEALED // PAGE * PAGE  # O_DIRECT reads whole, aligned pages

@@ -268,20 +268,20 @@ class BlockSource:
         range (not the whole block), else fragments."""
         cid = ref.cache_id
         b = start // self.bs
+        lo, hi = start - b * self.bs, end - b * self.bs
         ev = self.inflight.get((cid, b))
         if ev is not None:
             await ev.wait()
-        data = self._mem_get((cid, b))
-        if data is None and (cid, b) in self.cache:
-            data = await trio.to_thread.run_sync(self.cache.get_range, cid, b,
-                                                 start - b * self.bs, end - b * self.bs)
-            if data is not None:
-                self.stats.add("cache_hits")
-                return data
-        if data is not None and len(data) >= end - b * self.bs:
-            self.stats.add("cache_hits")
-            return memoryview(data)[start - b * self.bs:end - b * self.bs]
-        return await self.fragments(ref, start, end)
+        block = self._mem_get((cid, b))
+        got: Buf | None = None
+        if block is not None and len(block) >= hi:
+            got = memoryview(block)[lo:hi]
+        elif (cid, b) in self.cache:
+            got = await trio.to_thread.run_sync(self.cache.get_range, cid, b, lo, hi)
+        if got is None:
+            return await self.fragments(ref, start, end)
+        self.stats.add("cache_hits")
+        return got
 
     async def fragments(self, ref: ObjectRef, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``ref`` (inside one block) for a random read: from the
