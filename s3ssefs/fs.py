@@ -933,9 +933,9 @@ class Filesystem(pyfuse3.Operations):
         if not node.is_link:
             raise FsError(errno.EINVAL, node.path)
         if node.link_target is None:
-            node.link_target = await self.store.get_range(
+            node.link_target = bytes(await self.store.get_range(
                 self.s3key(node.path), 0, max(node.attrs.size, 1) + 4096, node.sse_key,
-                node.version_id)
+                node.version_id))
         return node.link_target
 
     @_fuse_errors

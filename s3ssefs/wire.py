@@ -3,9 +3,12 @@
 Profiling ``ls -l`` and small-file creation showed boto3 spending ~1.4 ms of CPU per small
 request on its model machinery (parameter validation, event hooks, response parsing with
 dateutil, 1,000 times per listing page), against ~0.5 ms for signing and sending the same
-request with botocore's own SigV4 signer over a urllib3 pool.  With the daemon sharing two
-cores with the server, that CPU is the limit of ``ls -l`` and of creating many small files,
-so those calls take this path.
+request with our own SigV4 signer over urllib3 (less now: see below).  With the daemon
+sharing two cores with the server, that CPU is the limit of ``ls -l`` and of creating many
+small files, so those calls take this path.
+
+Requests go over :mod:`s3ssefs.http1`, a small keep-alive HTTP/1.1 client: urllib3 and
+``http.client`` cost more CPU per request than the signing and the request itself.
 
 It makes *first attempts* only, never a second client: a request that fails in a way worth
 retrying without an answer (no connection, a reset, a body cut off) raises :class:`Retry`;
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ssl
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -32,10 +34,11 @@ from typing import Any
 from urllib.parse import quote, unquote_plus, urlsplit
 from xml.etree import ElementTree
 
-import urllib3
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from botocore.utils import get_environ_proxies
+
+from .http1 import ConnectionLost, Pool, tls_context
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
 
@@ -123,15 +126,10 @@ class WireClient:
         self._root = parts.path.rstrip("/") + "/" + quote(bucket, safe="")
         self._signer = Signer(credentials, region)
         self._before_send = before_send
-        timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        host, port = parts.hostname or "", parts.port
-        if self._https:
-            self._pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-                host, port or 443, maxsize=pool_size, block=False, timeout=timeout,
-                cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_bundle)
-        else:
-            self._pool = urllib3.HTTPConnectionPool(host, port or 80, maxsize=pool_size,
-                                                    block=False, timeout=timeout)
+        default_port = 443 if self._https else 80
+        self._pool = Pool(parts.hostname or "", parts.port or default_port,
+                          tls_context(ca_bundle) if self._https else None, maxsize=pool_size,
+                          connect_timeout=connect_timeout, read_timeout=read_timeout)
 
     # ------------------------------------------------------------------ the calls
     def head_object(self, key: str, headers: dict[str, str], query: str = "") -> dict[str, Any]:
@@ -170,7 +168,7 @@ class WireClient:
     # ------------------------------------------------------------------ plumbing
     def _send(self, method: str, key: str | None, query: str, headers: dict[str, str], body: bytes,
               op: str, ok_statuses: tuple[int, ...] = (200, 204, 206),
-              ) -> tuple[int, Any, bytes]:
+              ) -> tuple[int, dict[str, str], bytearray]:
         path = self._root if key is None else f"{self._root}/{quote(key.encode(), safe='/~')}"
         target = f"{path}?{query}" if query else path
         req_headers = dict(headers)
@@ -181,14 +179,10 @@ class WireClient:
         signed = self._signer.sign(method, self._host, path, query, req_headers)
         self._before_send()
         try:
-            resp = self._pool.urlopen(method, target, body=body or None,
-                                      headers=signed, retries=False,
-                                      redirect=False, preload_content=True,
-                                      assert_same_host=False)
-        except (urllib3.exceptions.HTTPError, OSError) as e:
+            resp = self._pool.request(method, target, signed.items(), body)
+        except (ConnectionLost, OSError) as e:
             raise Retry(f"{op}: {type(e).__name__}") from e
-        status = resp.status
-        data = resp.data or b""
+        status, data = resp.status, resp.body
         if status in ok_statuses:
             return status, resp.headers, data
         # every answer, 5xx and SlowDown too, goes to the store's one retry policy as boto3
@@ -196,7 +190,7 @@ class WireClient:
         code, message = _error_code(data, status)
         raise ClientError({"Error": {"Code": code, "Message": message},
                            "ResponseMetadata": {"HTTPStatusCode": status, "RetryAttempts": 0,
-                                                "HTTPHeaders": dict(resp.headers.items())}},
+                                                "HTTPHeaders": dict(resp.headers)}},
                           op)
 
 

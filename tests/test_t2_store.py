@@ -564,3 +564,23 @@ async def test_lean_path_trusts_the_ca_boto3_trusts(rgw, bucket, key, monkeypatc
     assert (await store.head("ca.bin", key)).size == 10
     assert await store.get_range("ca.bin", 0, 10, key) == b"x" * 10
     assert store.stats.snapshot().get("retries", 0) == 0
+
+
+def test_lean_transport_refuses_a_server_it_does_not_trust(rgw) -> None:
+    """The lean path's own TLS checks the certificate: RGW's, signed by our test CA, is refused
+    with the system's CAs and accepted with ours."""
+    from urllib.parse import urlsplit
+
+    from s3ssefs.http1 import ConnectionLost, Pool, tls_context
+
+    parts = urlsplit(rgw.endpoint)
+    host, port = parts.hostname or "", parts.port or 443
+    untrusting = Pool(host, port, tls_context(None), maxsize=1, connect_timeout=5,
+                      read_timeout=5)
+    with pytest.raises(ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusting.request("GET", "/", [("Host", parts.netloc)])
+    trusting = Pool(host, port, tls_context(str(rgw.ca)), maxsize=1, connect_timeout=5,
+                    read_timeout=5)
+    answer = trusting.request("GET", "/", [("Host", parts.netloc)])  # anonymous ListBuckets
+    assert answer.status == 200 and b"ListAllMyBucketsResult" in answer.body
+    trusting.close()
