@@ -148,9 +148,13 @@ class Pool:
 
     # ------------------------------------------------------------------ requests
     def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
-                body: bytes | bytearray | memoryview = b"") -> Response:
-        """Send one request and read its whole answer."""
+                body: bytes | bytearray | memoryview = b"",
+                before_send: Callable[[], None] | None = None) -> Response:
+        """Send one request and read its whole answer.  ``before_send`` runs before each
+        sending, the one retry too, and may raise to stop it (a call given up on)."""
         head = _request_head(method, target, headers)
+        if before_send is not None:
+            before_send()
         conn = self._open(self._take)
         try:
             return self._exchange(conn, method, head, body)
@@ -158,6 +162,8 @@ class Pool:
             # an idle connection the server closed in the meantime: no byte of answer came
             if not (conn.reused and getattr(e, "before_answer", False)):
                 raise
+        if before_send is not None:
+            before_send()
         return self._exchange(self._open(self._connect), method, head, body)
 
     @staticmethod

@@ -177,9 +177,9 @@ class WireClient:
         if body or method == "PUT":
             req_headers["Content-Length"] = str(len(body))
         signed = self._signer.sign(method, self._host, path, query, req_headers)
-        self._before_send()
         try:
-            resp = self._pool.request(method, target, signed.items(), body)
+            resp = self._pool.request(method, target, signed.items(), body,
+                                      before_send=self._before_send)
         except (ConnectionLost, OSError) as e:
             raise Retry(f"{op}: {type(e).__name__}") from e
         status, data = resp.status, resp.body

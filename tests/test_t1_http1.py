@@ -164,6 +164,25 @@ def test_an_idle_connection_the_server_closed_is_replaced_without_an_error(serve
     assert len(server.requests) == 5  # 3 answered, 2 dropped unanswered and sent again
 
 
+def test_the_one_retry_asks_before_sending_again(serve) -> None:
+    """A call given up on (the store's deadline passed) must not reach the server late: the
+    retry on a new connection asks ``before_send`` again, and its refusal stops it."""
+    server, pool = serve(lambda c, r: ok(b"x") if r == 0 else (b"", True))
+    asked = []
+
+    def before_send() -> None:
+        asked.append(1)
+        if len(asked) == 3:
+            raise RuntimeError("abandoned")
+
+    length = [("Content-Length", "2")]
+    assert pool.request("PUT", "/b/k", length, b"v1", before_send=before_send).body == b"x"
+    with pytest.raises(RuntimeError, match="abandoned"):
+        pool.request("PUT", "/b/k", length, b"v2", before_send=before_send)
+    assert len(asked) == 3
+    assert server.bodies == [b"v1", b"v2"] and server.connections == 1
+
+
 def test_a_body_cut_off_is_an_error_not_short_data(serve) -> None:
     server, pool = serve(lambda c, r: (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
                                        + b"x" * 60, True))
