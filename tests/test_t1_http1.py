@@ -195,6 +195,16 @@ def test_a_body_cut_off_is_an_error_not_short_data(serve) -> None:
     assert server.connections == 1
 
 
+def test_an_answer_begun_then_cut_is_not_sent_again(serve) -> None:
+    """Only a connection closed before any byte of answer is retried: once the server began
+    answering, the request reached it, and the failure goes to the caller's retry policy."""
+    server, pool = serve(lambda c, r: ok(b"x") if r == 0 else (b"HTTP/1.1 2", True))
+    assert pool.request("GET", "/b/k", []).body == b"x"
+    with pytest.raises(ConnectionLost):
+        pool.request("GET", "/b/k", [])
+    assert server.connections == 1 and len(server.requests) == 2
+
+
 def test_malformed_answers_are_errors(serve) -> None:
     for answer in (b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
                    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
