@@ -94,9 +94,14 @@ def _aad(object_id: str, block_no: int, chunk: int, plain: int) -> bytes:
             + object_id.encode("utf-8", "surrogateescape"))
 
 
+def _chunks(plain: int) -> int:
+    """Chunks of a ``plain``-byte block (an empty block is one empty chunk)."""
+    return max(1, -(-plain // CHUNK))
+
+
 def _sealed_length(plain: int) -> int:
     """Length of the blob of a ``plain``-byte block: every chunk adds OVERHEAD."""
-    return plain + max(1, -(-plain // CHUNK)) * OVERHEAD
+    return plain + _chunks(plain) * OVERHEAD
 
 
 def _plain_length(length: int) -> int:
@@ -269,7 +274,7 @@ class BlockCache:
         try:
             with self._buffers.take(size) as blob:  # whole pages, for O_DIRECT
                 view = memoryview(data)
-                for c in range(max(1, -(-plain // CHUNK))):
+                for c in range(_chunks(plain)):
                     self._cipher.seal_into(view[c * CHUNK:(c + 1) * CHUNK],
                                            _aad(object_id, block_no, c, plain),
                                            blob[c * SEALED:])

@@ -225,13 +225,9 @@ class Pool:
                 pass
             body, conn.buf = conn.buf, bytearray()
             return Response(status, headers, body), False
-        try:
-            n = int(length)
-        except ValueError:
-            raise ConnectionLost(f"bad Content-Length {length!r}") from None
-        if n < 0:
+        if not length.isdigit():  # 1*DIGIT (RFC 9110 §8.6): no sign, no spaces inside
             raise ConnectionLost(f"bad Content-Length {length!r}")
-        body = bytearray(n)
+        body = bytearray(int(length))
         conn.read_into(memoryview(body))
         return Response(status, headers, body), keep
 

@@ -179,8 +179,8 @@ class WireClient:
         try:
             resp = self._pool.request(method, target, signed.items(), body,
                                       before_send=self._before_send)
-        except (ConnectionLost, OSError) as e:
-            raise Retry(f"{op}: {type(e).__name__}") from e
+        except ConnectionLost as e:  # what failed, e.g. "body cut off after 60 of 100 bytes"
+            raise Retry(f"{op}: {e}") from e
         status, data = resp.status, resp.body
         if status in ok_statuses:
             return status, resp.headers, data
