@@ -6,7 +6,11 @@ from S3 — consecutive missing blocks in one ranged GET, several GETs in flight
 being fetched for one reader is awaited, not fetched again, by another.  While a file is read
 sequentially the readahead window doubles (4 → 64 MiB); a small random read fetches only what
 it needs, and of a block in the disk cache reads only the chunk holding it.  Fetched
-blocks go to the disk cache from a worker thread, off the read's path.
+blocks go to the disk cache from a worker thread, off the read's path, except those a
+sequential reader's readahead fetches of an object larger than the whole cache: an LRU cache
+streamed through by more than it holds keeps none of it for the next pass (each block is
+evicted before it comes round again) and loses everything else it held, so filling it would
+cost CPU and disk writes for no hit at all.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
@@ -148,9 +152,10 @@ class BlockSource:
                 out[b] = data
         return [out[b] for b in range(first, last + 1)]
 
-    async def _ensure(self, ref: ObjectRef, wanted: list[int]) -> None:
+    async def _ensure(self, ref: ObjectRef, wanted: list[int], stream: bool = False) -> None:
         """Bring ``wanted`` blocks into memory: wait for in-flight ones, read cached ones,
-        fetch the rest in runs of consecutive blocks."""
+        fetch the rest in runs of consecutive blocks (``stream``: for a sequential reader's
+        readahead, see :meth:`_fetch_run`)."""
         cid = ref.cache_id
         waits = [self.inflight[(cid, b)] for b in wanted if (cid, b) in self.inflight]
         todo = [b for b in wanted if (cid, b) not in self.inflight and (cid, b) not in self.mem]
@@ -170,7 +175,7 @@ class BlockSource:
                 runs.append((b, b))
         if runs:
             self.stats.add("cache_misses", len(todo))
-            await gather(partial(self._fetch_run, ref, a, z) for a, z in runs)
+            await gather(partial(self._fetch_run, ref, a, z, stream) for a, z in runs)
         for ev in waits:
             await ev.wait()
 
@@ -193,7 +198,10 @@ class BlockSource:
                      for i in range(0, len(blocks), size))
         return out
 
-    async def _fetch_run(self, ref: ObjectRef, first: int, last: int) -> None:
+    async def _fetch_run(self, ref: ObjectRef, first: int, last: int,
+                         stream: bool = False) -> None:
+        """GET blocks ``first..last`` into memory, then into the disk cache, unless they are
+        readahead of a sequential reader (``stream``) in an object larger than the cache."""
         cid = ref.cache_id
         events = {}
         for b in range(first, last + 1):
@@ -213,7 +221,10 @@ class BlockSource:
             for b, ev in events.items():
                 del self.inflight[(cid, b)]
                 ev.set()
-        self._queue_cache_put(cid, blocks)
+        if stream and ref.size > self.cache.max_bytes:
+            self.stats.add("cache_streamed", len(blocks))
+        else:
+            self._queue_cache_put(cid, blocks)
 
     def _queue_cache_put(self, cid: str, blocks: dict[int, Buf]) -> None:
         """Write ``blocks`` to the disk cache in the background, unless CACHE_BACKLOG bytes
@@ -249,7 +260,7 @@ class BlockSource:
         async def run() -> None:
             # a background task: nothing it meets may take the mount down
             try:
-                await self._ensure(ref, want)
+                await self._ensure(ref, want, stream=True)
             except Exception as e:
                 log.debug("readahead of %s failed: %s", ref.s3key, e)
 

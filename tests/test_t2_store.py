@@ -171,6 +171,61 @@ async def test_small_reads_of_cached_blocks_read_the_cache_not_s3(rgw, bucket, k
     assert max(read_sizes) <= 2 * (chunk + cache_mod.PAGE)
 
 
+async def test_streaming_a_file_larger_than_the_cache_keeps_what_the_cache_held(
+        rgw, bucket, key, tmp_path) -> None:
+    """A sequential reader's readahead through an object larger than the whole cache does not
+    fill the cache (an LRU streamed through would keep none of it and lose the rest): a file
+    cached before is still read without a request afterwards.  Blocks of the same big object
+    that a reader asks for directly (not readahead) are still cached, and readahead of an
+    object that fits is cached as before."""
+    import trio
+    import trio.testing
+
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import BlockSource, ObjectRef
+
+    store = make_store(rgw, bucket)
+    small, big, fits = data(MiB + 5), data(6 * MiB), data(2 * MiB)
+    await store.put("small.bin", small, key)
+    await store.put("big.bin", big, key)
+    await store.put("fits.bin", fits, key)
+    cache = BlockCache(tmp_path / "cache", 4 * MiB, LocalCipher())
+    source = BlockSource(store, cache, MiB, store.stats, mem_bytes=8 * MiB)
+    r_small = ObjectRef("small.bin", "e1", len(small), key)
+    r_big = ObjectRef("big.bin", "e2", len(big), key)
+    r_fits = ObjectRef("fits.bin", "e3", len(fits), key)
+
+    async def read_all(ref: ObjectRef, body: bytes, readahead: bool) -> None:
+        async with trio.open_nursery() as nursery:  # closing it waits for the cache puts
+            source.nursery = nursery
+            if readahead:  # as a sequential reader's read does before it waits
+                source.prefetch(ref, 0, source.nblocks(ref) - 1)
+                await trio.testing.wait_all_tasks_blocked()  # the GETs are under way
+            got = [bytes(b) for b in await source.blocks(ref, 0, source.nblocks(ref) - 1)]
+            assert b"".join(got) == body
+        source.nursery = None
+
+    await read_all(r_small, small, readahead=False)
+    assert all((r_small.cache_id, b) in cache for b in range(2))
+    await read_all(r_big, big, readahead=True)
+    assert not [b for b in range(6) if (r_big.cache_id, b) in cache]
+    assert store.stats.snapshot()["cache_streamed"] == 6
+    assert all((r_small.cache_id, b) in cache for b in range(2))
+    gets = store.stats.snapshot()["requests"]["get"]
+    fresh = BlockSource(store, cache, MiB, store.stats)  # nothing in memory: the disk cache
+    assert b"".join([bytes(b) for b in await fresh.blocks(r_small, 0, 1)]) == small
+    assert store.stats.snapshot()["requests"]["get"] == gets
+
+    async with trio.open_nursery() as nursery:  # a read of one block, not readahead
+        fresh.nursery = nursery
+        assert bytes((await fresh.blocks(r_big, 3, 3))[0]) == big[3 * MiB:4 * MiB]
+    fresh.nursery = None
+    assert (r_big.cache_id, 3) in cache
+    await read_all(r_fits, fits, readahead=True)
+    assert all((r_fits.cache_id, b) in cache for b in range(2))
+
+
 # --- multipart -------------------------------------------------------------------------------
 
 
