@@ -134,6 +134,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DIR"),
     Option("cache_size", parse_size, "upper bound of the block cache on disk (e.g. 2G)",
            metavar="SIZE"),
+    Option("cache_stream_max", parse_size,
+           "largest file a sequential read puts in the block cache (default: cache_size)",
+           metavar="SIZE"),
     Option("read_only", parse_bool, "mount read-only", flag=True),
     Option("as_of", parse_timestamp, "read-only view of a versioned bucket at this time",
            metavar="TIMESTAMP"),
@@ -187,6 +190,7 @@ class MountConfig:
     ca_bundle: Path | None = None
     cache_dir: Path | None = None
     cache_size: int = 2 << 30
+    cache_stream_max: int | None = None  # None: cache_size
     read_only: bool = False
     as_of: _dt.datetime | None = None
     allow_other: bool = False

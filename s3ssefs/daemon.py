@@ -236,7 +236,8 @@ class Mount:
         self.cipher = LocalCipher()
         self.cache = BlockCache(self.state_dir / "blocks", cfg.cache_size, self.cipher)
         self.keyring = KeyRing(keyfile, self.store, self.state_dir)
-        source = BlockSource(self.store, self.cache, cfg.block_size, self.stats)
+        source = BlockSource(self.store, self.cache, cfg.block_size, self.stats,
+                             stream_max=cfg.cache_stream_max)
         self.ctx = Ctx(store=self.store, source=source, cipher=self.cipher, spill_dir=spill_dir,
                        block_size=cfg.block_size, part_size=cfg.part_size,
                        multipart_threshold=cfg.multipart_threshold, s3key=str,

@@ -10,7 +10,8 @@ blocks go to the disk cache from a worker thread, off the read's path, except th
 sequential reader's readahead fetches of an object larger than the whole cache: an LRU cache
 streamed through by more than it holds keeps none of it for the next pass (each block is
 evicted before it comes round again) and loses everything else it held, so filling it would
-cost CPU and disk writes for no hit at all.
+cost CPU and disk writes for no hit at all.  ``cache_stream_max`` lowers that bound for
+mounts whose files are read once (backups, media), where the fill is only a cost.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
@@ -92,9 +93,11 @@ class BlockSource:
     """Blocks of objects: memory LRU → disk cache → ranged GETs, deduplicated."""
 
     def __init__(self, store: ObjectStore, cache: BlockCache, block_size: int, stats: Stats,
-                 mem_bytes: int = 256 << 20) -> None:
+                 mem_bytes: int = 256 << 20, stream_max: int | None = None) -> None:
         self.store = store
         self.cache = cache
+        # readahead of an object larger than this is not cached (see _fetch_run)
+        self.stream_max = cache.max_bytes if stream_max is None else stream_max
         self.bs = block_size
         self.stats = stats
         self.mem: OrderedDict[tuple[str, int], Buf] = OrderedDict()
@@ -201,7 +204,8 @@ class BlockSource:
     async def _fetch_run(self, ref: ObjectRef, first: int, last: int,
                          stream: bool = False) -> None:
         """GET blocks ``first..last`` into memory, then into the disk cache, unless they are
-        readahead of a sequential reader (``stream``) in an object larger than the cache."""
+        readahead of a sequential reader (``stream``) in an object larger than ``stream_max``
+        (by default the cache's size; a mount option lowers it for read-once workloads)."""
         cid = ref.cache_id
         events = {}
         for b in range(first, last + 1):
@@ -221,7 +225,7 @@ class BlockSource:
             for b, ev in events.items():
                 del self.inflight[(cid, b)]
                 ev.set()
-        if stream and ref.size > self.cache.max_bytes:
+        if stream and ref.size > self.stream_max:
             self.stats.add("cache_streamed", len(blocks))
         else:
             self._queue_cache_put(cid, blocks)

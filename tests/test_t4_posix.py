@@ -932,3 +932,21 @@ def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
     dev = os.stat(mnt.path).st_dev
     ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
     assert int(ra) == 1024
+
+
+def test_cache_stream_max_keeps_a_read_once_file_out_of_the_cache(mount_factory: Any, s3: Any,
+                                                                  bucket: str,
+                                                                  key: Key) -> None:
+    """``-o cache_stream_max=`` below a file's size: reading it sequentially returns the right
+    bytes and fills no block cache (the readahead blocks are counted as ``cache_streamed``);
+    with the default, the same read fills the cache."""
+    body = pattern(24 * MiB, seed=9)
+    s3.put_object(Bucket=bucket, Key="once.bin", Body=body, **sse(key))
+    streamed = {}
+    for name, extra in (("default", ()), ("read-once", ("-o", "cache_stream_max=1M"))):
+        m = mount_factory(bucket, *extra)
+        assert hashlib.sha256((m.path / "once.bin").read_bytes()).digest() == \
+            hashlib.sha256(body).digest()
+        streamed[name] = _mount_stats(m).get("cache_streamed", 0)
+    assert streamed["default"] == 0
+    assert streamed["read-once"] >= 16  # all but the first blocks come from readahead
