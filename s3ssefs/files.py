@@ -211,9 +211,11 @@ class BlockSource:
         for b in range(first, last + 1):
             if (cid, b) not in self.inflight:
                 events[b] = self.inflight[(cid, b)] = trio.Event()
+        cached = not (stream and ref.size > self.stream_max)
         try:
             start, end = first * self.bs, min((last + 1) * self.bs, ref.size)
-            data = await self.store.get_range(ref.s3key, start, end, ref.sse_key, ref.version_id)
+            data = await self.store.get_range(ref.s3key, start, end, ref.sse_key, ref.version_id,
+                                              cached=cached)
             if len(data) != end - start:
                 raise FsError(errno.EIO, f"short read of {ref.s3key}: object changed?")
             view = memoryview(data)  # blocks share the GET's buffer: no copy per block
@@ -225,10 +227,10 @@ class BlockSource:
             for b, ev in events.items():
                 del self.inflight[(cid, b)]
                 ev.set()
-        if stream and ref.size > self.stream_max:
-            self.stats.add("cache_streamed", len(blocks))
-        else:
+        if cached:
             self._queue_cache_put(cid, blocks)
+        else:
+            self.stats.add("cache_streamed", len(blocks))
 
     def _queue_cache_put(self, cid: str, blocks: dict[int, Buf]) -> None:
         """Write ``blocks`` to the disk cache in the background, unless CACHE_BACKLOG bytes

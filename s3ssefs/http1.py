@@ -10,8 +10,8 @@ random reads.
 It does only what S3 answers need: one request at a time per connection (no pipelining),
 ``Content-Length``, chunked and read-to-close bodies, 1xx answers skipped, ``Connection:
 close`` honoured.  Bodies are read straight into one ``bytearray``, allocated without being
-zeroed first (:func:`_unfilled`).  Certificates and host
-names are checked as urllib3 checks them (``ssl.create_default_context``).
+zeroed first (:func:`_unfilled`).  Certificates and host names are checked as urllib3 checks
+them (``ssl.create_default_context``).
 
 Failures raise :class:`ConnectionLost` (an ``OSError``), and the caller decides on retrying.
 One case is handled here, because every keep-alive client must: a reused idle connection that
@@ -43,8 +43,10 @@ def _unfilled(n: int) -> bytearray:
 
     ``bytearray(n)`` zeroes its ``n`` bytes while holding the GIL, and a streaming GET's
     body is 8 MiB: in a cold read that zeroing took 3.7% of the daemon's CPU in ``perf``
-    and ~7% of the GET threads' Python samples.  The caller overwrites every byte before
-    anyone sees the buffer (:meth:`_Conn.read_into` fills it exactly or raises).
+    and 7% of its samples in ``py-spy``; the first touch of fresh pages (98% of its page
+    faults) came there too, under the GIL, where it now comes in the socket read with the
+    GIL released.  The caller overwrites every byte before anyone sees the buffer
+    (:meth:`_Conn.read_into` fills it exactly or raises).
     """
     b = bytearray()
     if n and _resize(b, n):

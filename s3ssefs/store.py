@@ -70,7 +70,8 @@ T = TypeVar("T")
 
 MIN_PART = 5 << 20
 BULK_GET = 1 << 20  # a GET at least this large streams a body...
-BULK_GETS = 2  # ...and at most this many stream at once
+BULK_GETS = 2  # ...and at most this many stream at once whose blocks go to the disk cache,
+BULK_GETS_UNCACHED = 4  # and this many more whose blocks do not (see ObjectStore.__init__)
 MAX_SINGLE_COPY = 5 << 30
 
 
@@ -293,9 +294,12 @@ class ObjectStore:
         # readers of 128 MiB (medians of 3 interleaved runs): up to 16 streams 295 MiB/s at
         # 3.8 CPU s/GiB, 4 streams 320 MiB/s at 3.3 (memstore).  With the block cache written
         # O_DIRECT, 2 streams against 4 (bluestore): the same 310 MiB/s for 8 readers and for
-        # one cold 1 GiB read, at 8-9% less CPU.  Small requests (HEAD, fragments, LIST) are
-        # latency-bound and keep max_requests.
+        # one cold 1 GiB read, at 8-9% less CPU.  Streams whose blocks skip the cache (a file
+        # over cache_stream_max) leave the cores to the GETs, and 2 streams then leave them
+        # idle (13-18%): 4 read a cold 1 GiB file at 363-382 MiB/s against 343-362.  Small
+        # requests (HEAD, fragments, LIST) are latency-bound and keep max_requests.
         self.bulk = trio.CapacityLimiter(min(BULK_GETS, cfg.max_requests))
+        self.bulk_uncached = trio.CapacityLimiter(min(BULK_GETS_UNCACHED, cfg.max_requests))
         self.part_size = cfg.part_size
         self._provider = provider_params(cfg.sse)
         session = boto_session(cfg)
@@ -434,8 +438,11 @@ class ObjectStore:
                           sse=r.get("ServerSideEncryption"))
 
     async def get_range(self, key: str, start: int, end: int, sse_key: Key | None,
-                        version_id: str | None = None, if_match: str | None = None) -> bytes:
-        """Bytes ``[start, end)``; fewer at the end of the object; empty past it."""
+                        version_id: str | None = None, if_match: str | None = None,
+                        cached: bool = True) -> bytes:
+        """Bytes ``[start, end)``; fewer at the end of the object; empty past it.
+        ``cached=False``: the caller will not put them in the disk cache (more such GETs may
+        stream at once)."""
         if end <= start:
             return b""
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
@@ -466,7 +473,7 @@ class ObjectStore:
                 headers["If-Match"] = kw["IfMatch"]
             lean = partial(self.wire.get_range, key, headers, _version_query(version_id))
         if end - start >= BULK_GET:
-            async with self.bulk:
+            async with self.bulk if cached else self.bulk_uncached:
                 r = await self._guarded("get", self._what("GET", key), get, lean, **kw)
         else:
             r = await self._guarded("get", self._what("GET", key), get, lean, **kw)

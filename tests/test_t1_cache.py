@@ -504,7 +504,7 @@ class _Objects:
         self.data = data
 
     async def get_range(self, key: str, start: int, end: int, sse_key: object,
-                        version_id: str | None) -> bytes:
+                        version_id: str | None, cached: bool = True) -> bytes:
         return self.data[start:end]
 
 

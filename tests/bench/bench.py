@@ -542,6 +542,18 @@ class S3ssefs(System):
         return cmd, env
 
 
+class S3ssefsReadOnce(S3ssefs):
+    """s3ssefs configured for files read once (``-o cache_stream_max=0``): sequential reads
+    do not fill the block cache.  Only the read workloads (the others do not differ)."""
+
+    name = "s3ssefs-once"
+    workloads = ("read-cold", "read-warm", "par-read")
+
+    def command(self):
+        cmd, env = super().command()
+        return [*cmd, "-o", "cache_stream_max=0"], env
+
+
 class S3fs(System):
     """Debian s3fs-fuse.  Key file: one key per line; a line longer than 32 chars is taken as
     base64 (s3fs PushbackSseKeys), so we write the base64 of the 32 random bytes."""
@@ -658,9 +670,10 @@ class Boto3Serial(Boto3):
     workloads = ("small",)
 
 
-SYSTEMS = {c.name: c for c in (S3ssefs, S3fs, S3fsNoCopyApi, S3fsNoMultipart, S3fsCache,
-                               RcloneWrites, RcloneFull, Boto3, Boto3Serial)}
-DEFAULT_SYSTEMS = "s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,boto3,boto3-serial"
+SYSTEMS = {c.name: c for c in (S3ssefs, S3ssefsReadOnce, S3fs, S3fsNoCopyApi, S3fsNoMultipart,
+                               S3fsCache, RcloneWrites, RcloneFull, Boto3, Boto3Serial)}
+DEFAULT_SYSTEMS = ("s3ssefs,s3ssefs-once,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,"
+                   "boto3,boto3-serial")
 
 
 # --------------------------------------------------------------------------------- fio
