@@ -159,6 +159,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("multipart_threshold", parse_size, "files larger than this upload as multipart",
            metavar="SIZE"),
     Option("max_requests", _pos_int, "S3 requests in flight at once", metavar="N"),
+    Option("get_streams", _pos_int,
+           "large ranged GETs at once (default: 2, 4 past the cache; 8 from a far server)",
+           metavar="N"),
     Option("request_timeout", _nonneg_float,
            "seconds before a request that keeps failing returns EIO", metavar="SECONDS"),
     Option("retry_interval", _nonneg_float,
@@ -208,6 +211,7 @@ class MountConfig:
     part_size: int = 16 << 20
     multipart_threshold: int = 16 << 20
     max_requests: int = 16
+    get_streams: int | None = None  # None: from the server's distance (streams.py)
     request_timeout: float = 60.0
     retry_interval: float = 30.0
     boto3_only: bool = False

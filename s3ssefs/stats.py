@@ -1,4 +1,5 @@
-"""Counters of a live mount: requests by kind, bytes, cache hits, retries, errors.
+"""Counters of a live mount: requests by kind, bytes, cache hits, retries, errors; and a few
+gauges (``set``, ``peak``), such as the streaming GETs allowed at once.
 
 Updated from worker threads and the trio thread alike, hence the lock. ``s3ssefs stats``
 reads them through the control file the daemon serves (see ``fs.py``).
@@ -35,6 +36,17 @@ class Stats:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] += n
+
+    def set(self, name: str, value: int) -> None:
+        """A gauge: the value now (e.g. how many streaming GETs may run at once)."""
+        with self._lock:
+            self.counters[name] = value
+
+    def peak(self, name: str, value: int) -> None:
+        """The largest value seen."""
+        with self._lock:
+            if value > self.counters[name]:
+                self.counters[name] = value
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

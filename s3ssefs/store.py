@@ -62,6 +62,7 @@ from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.keys import SSE_ALGORITHM, Key, sse_c_headers, sse_c_params
 from s3ssefs.stats import Stats
+from s3ssefs.streams import stream_counts
 from s3ssefs.wire import Retry, WireClient
 from s3ssefs.wire import usable as wire_usable
 
@@ -69,9 +70,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIN_PART = 5 << 20
-BULK_GET = 1 << 20  # a GET at least this large streams a body...
-BULK_GETS = 2  # ...and at most this many stream at once whose blocks go to the disk cache,
-BULK_GETS_UNCACHED = 4  # and this many more whose blocks do not (see ObjectStore.__init__)
+BULK_GET = 1 << 20  # a GET at least this large streams a body (how many at once: streams.py)
 MAX_SINGLE_COPY = 5 << 30
 
 
@@ -289,17 +288,14 @@ class ObjectStore:
         self.stats = stats or Stats()
         self.caps = Capabilities()
         self.limiter = trio.CapacityLimiter(cfg.max_requests)
-        # Each streaming GET's thread takes the GIL back for every 16 KiB TLS record; more than
-        # a few at once buy no bandwidth and spend the CPU on lock hand-offs.  8 parallel
-        # readers of 128 MiB (medians of 3 interleaved runs): up to 16 streams 295 MiB/s at
-        # 3.8 CPU s/GiB, 4 streams 320 MiB/s at 3.3 (memstore).  With the block cache written
-        # O_DIRECT, 2 streams against 4 (bluestore): the same 310 MiB/s for 8 readers and for
-        # one cold 1 GiB read, at 8-9% less CPU.  Streams whose blocks skip the cache (a file
-        # over cache_stream_max) leave the cores to the GETs, and 2 streams then leave them
-        # idle (13-18%): 4 read a cold 1 GiB file at 363-382 MiB/s against 343-362.  Small
-        # requests (HEAD, fragments, LIST) are latency-bound and keep max_requests.
-        self.bulk = trio.CapacityLimiter(min(BULK_GETS, cfg.max_requests))
-        self.bulk_uncached = trio.CapacityLimiter(min(BULK_GETS_UNCACHED, cfg.max_requests))
+        # Streaming GETs have limits of their own, set by how far the server is (streams.py).
+        # Each reads its body into its own buffer, so besides the GIL it is the memory in
+        # flight they bound.  Small requests (HEAD, fragments, LIST) keep max_requests.
+        cached, uncached = stream_counts(None, cfg.get_streams, cfg.max_requests)
+        self.bulk = trio.CapacityLimiter(cached)
+        self.bulk_uncached = trio.CapacityLimiter(uncached)
+        self.stats.set("get_streams", cached)
+        self.stats.set("get_streams_uncached", uncached)
         self.part_size = cfg.part_size
         self._provider = provider_params(cfg.sse)
         session = boto_session(cfg)
@@ -473,13 +469,30 @@ class ObjectStore:
                 headers["If-Match"] = kw["IfMatch"]
             lean = partial(self.wire.get_range, key, headers, _version_query(version_id))
         if end - start >= BULK_GET:
-            async with self.bulk if cached else self.bulk_uncached:
+            async with self._streams(cached):
+                self.stats.peak("get_streams_peak", self.bulk.borrowed_tokens
+                                + self.bulk_uncached.borrowed_tokens)
                 r = await self._guarded("get", self._what("GET", key), get, lean, **kw)
         else:
             r = await self._guarded("get", self._what("GET", key), get, lean, **kw)
         data: bytes = r["Data"]
         self.stats.request("get_bytes", down=len(data))
         return data
+
+    def _streams(self, cached: bool) -> trio.CapacityLimiter:
+        """The limiter a streaming GET waits on, its size set from the server's latest
+        fastest answer (a far server gets more streams, see :mod:`s3ssefs.streams`)."""
+        fastest = self.wire.fastest_answer() if self.wire is not None else None
+        counts = stream_counts(fastest, self.cfg.get_streams, self.cfg.max_requests)
+        if (self.bulk.total_tokens, self.bulk_uncached.total_tokens) != counts:
+            log.info("streaming GETs at once: %d, %d for blocks past the cache (the server's "
+                     "fastest recent answer took %.1f ms)", *counts, (fastest or 0.0) * 1000)
+            self.bulk.total_tokens, self.bulk_uncached.total_tokens = counts
+            self.stats.set("get_streams", counts[0])
+            self.stats.set("get_streams_uncached", counts[1])
+        if fastest is not None:
+            self.stats.set("server_answer_us", round(fastest * 1e6))
+        return self.bulk if cached else self.bulk_uncached
 
     async def list_pages(self, prefix: str, delimiter: str | None = "/",
                          start_after: str | None = None, page_size: int = 1000,

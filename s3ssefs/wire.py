@@ -130,6 +130,10 @@ class WireClient:
                           tls_context(ca_bundle) if self._https else None, maxsize=pool_size,
                           connect_timeout=connect_timeout, read_timeout=read_timeout)
 
+    def fastest_answer(self) -> float | None:
+        """See :meth:`s3ssefs.http1.Pool.fastest_answer`."""
+        return self._pool.fastest_answer()
+
     # ------------------------------------------------------------------ the calls
     def head_object(self, key: str, headers: dict[str, str], query: str = "") -> dict[str, Any]:
         status, hdrs, _ = self._send("HEAD", key, query, headers, b"", "HeadObject")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -271,6 +272,13 @@ def _stale(path: Path) -> bool:
     except OSError as e:
         return e.errno == 107  # ENOTCONN
     return False
+
+
+def mount_stats(m: Mounted) -> dict[str, Any]:
+    """What ``s3ssefs stats --json`` says of a mount (counters and gauges)."""
+    r = subprocess.run([*S3SSEFS, "stats", "--json", str(m.path)], capture_output=True,
+                       text=True, check=True, timeout=60)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

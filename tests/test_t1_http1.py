@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -230,3 +231,45 @@ def test_nothing_listening_is_a_connection_error() -> None:
     pool = Pool("127.0.0.1", port, None, maxsize=2, connect_timeout=5, read_timeout=5)
     with pytest.raises(ConnectionLost, match="ConnectionRefused"):
         pool.request("GET", "/b/k", [])
+
+
+def test_fastest_answer_times_small_answers_sent_at_quiet_moments(serve) -> None:
+    """The pool keeps the least time the server took to answer a small request (how far away
+    it is, which sets the streaming GETs in :mod:`s3ssefs.streams`): large answers and
+    requests sent with two others in flight are left out, as a busy server's are slow."""
+    held = threading.Event()
+    holder: list[ScriptedServer] = []
+
+    def script(c: int, r: int) -> bytes:
+        head = [h for n, h in holder[0].requests if n == c][-1]
+        path = head.split(b" ")[1]
+        if path == b"/hold":
+            held.wait(10)
+        else:
+            time.sleep({b"/slow": 0.2, b"/big": 0.02, b"/mid": 0.03}.get(path, 0.0))
+        return ok(os.urandom(128 << 10) if path == b"/big" else b"x")
+
+    server, pool = serve(script)
+    holder.append(server)
+    assert pool.fastest_answer() is None
+    pool.request("GET", "/slow", [])
+    assert pool.fastest_answer() >= 0.2
+    assert len(pool.request("GET", "/big", []).body) == 128 << 10  # quicker, but large
+    assert pool.fastest_answer() >= 0.2
+    pool.request("HEAD", "/mid", [])
+    assert 0.03 <= pool.fastest_answer() < 0.2
+
+    # two requests held by the server: the third, answered at once, is not timed
+    threads = [threading.Thread(target=pool.request, args=("GET", "/hold", []))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while sum(h.startswith(b"GET /hold") for _, h in server.requests) < 2:
+        assert time.monotonic() < deadline, "the held requests never reached the server"
+        time.sleep(0.005)
+    pool.request("GET", "/fast", [])
+    assert pool.fastest_answer() >= 0.03
+    held.set()
+    for t in threads:
+        t.join(10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import S3SSEFS, Mounted, Rgw, new_key
+from conftest import S3SSEFS, Rgw, mount_stats, new_key
 
 from s3ssefs.keys import Key, KeyFile
 
@@ -36,12 +35,6 @@ def write_keyfile(path: Path, keys: list[Key], current: Key,
         kf.add_map(p, v, kid)
     kf.save(path)
     return path
-
-
-def stats(m: Mounted) -> dict[str, Any]:
-    r = subprocess.run([*S3SSEFS, "stats", "--json", str(m.path)], capture_output=True,
-                       text=True, check=True, timeout=60)
-    return json.loads(r.stdout)
 
 
 def s3ssefs(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -69,14 +62,14 @@ def test_objects_under_three_keys_and_plain_all_read_and_learned_keys_persist(
         assert (m.path / name).read_bytes() == body
     with pytest.raises(PermissionError):
         (m.path / "d/locked").read_bytes()
-    first = stats(m)
+    first = mount_stats(m)
     assert first.get("key_trials", 0) > 0  # objects under a and b needed a guess
 
     # a remount remembers which key opened what (by id, in the cache dir): no more guessing
     m.remount()
     for name, body in content.items():
         assert (m.path / name).read_bytes() == body
-    second = stats(m)
+    second = mount_stats(m)
     assert second.get("key_trials", 0) == 0
     assert second["requests"].get("head", 0) <= len(content) + 2
     assert os.getxattr(m.path / "d/obj0-a", "user.s3ssefs.key") == b"a"
@@ -114,7 +107,7 @@ def test_three_versions_under_three_keys_through_as_of_and_the_map(
         assert os.getxattr(m.path / "doc.txt", "user.s3ssefs.key") == [b"a", b"b", b"c"][i]
         names = sorted(os.listdir(m.path))
         assert names == sorted(["doc.txt"] + [f"only-{k.id}.txt" for k in (a, b, c)[:i + 1]])
-        assert stats(m).get("key_trials", 0) == 0
+        assert mount_stats(m).get("key_trials", 0) == 0
         with pytest.raises(OSError):  # read-only view
             (m.path / "new.txt").write_bytes(b"no")
         m.umount()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import json
 import os
 import random
 import re
@@ -29,7 +28,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import S3SSEFS
+from conftest import mount_stats
 
 from s3ssefs.keys import Key
 
@@ -891,12 +890,6 @@ def test_chmod_while_a_large_file_is_written(mnt: Any, s3: Any, bucket: str, key
 # --- random reads ----------------------------------------------------------------------------
 
 
-def _mount_stats(m: Any) -> dict[str, Any]:
-    r = subprocess.run([*S3SSEFS, "stats", "--json", str(m.path)], capture_output=True,
-                       text=True, check=True, timeout=60)
-    return json.loads(r.stdout)
-
-
 def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket: str,
                                                       key: Key) -> None:
     """Random 4 KiB reads (as fio or a database does, with POSIX_FADV_RANDOM) of an 8 MiB
@@ -907,7 +900,7 @@ def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket:
     rng = random.Random(3)
     offsets = [rng.randrange(0, len(body) // 4096) * 4096 for _ in range(40)]
     path = mnt.path / "rand.bin"
-    before = _mount_stats(mnt)
+    before = mount_stats(mnt)
     for _round in range(2):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -917,8 +910,8 @@ def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket:
         finally:
             os.close(fd)
         if _round == 0:
-            first = _mount_stats(mnt)
-    after = _mount_stats(mnt)
+            first = mount_stats(mnt)
+    after = mount_stats(mnt)
     gets = first["requests"].get("get", 0) - before["requests"].get("get", 0)
     down = first.get("bytes_down", 0) - before.get("bytes_down", 0)
     assert 0 < gets <= len(offsets)
@@ -947,6 +940,6 @@ def test_cache_stream_max_keeps_a_read_once_file_out_of_the_cache(mount_factory:
         m = mount_factory(bucket, *extra)
         assert hashlib.sha256((m.path / "once.bin").read_bytes()).digest() == \
             hashlib.sha256(body).digest()
-        streamed[name] = _mount_stats(m).get("cache_streamed", 0)
+        streamed[name] = mount_stats(m).get("cache_streamed", 0)
     assert streamed["default"] == 0
     assert streamed["read-once"] >= 16  # all but the first blocks come from readahead

@@ -31,6 +31,7 @@ from conftest import (
     assert_no_key_material,
     bucket_sha,
     key_forms,
+    mount_stats,
     sse,
     wait_for,
 )
@@ -75,6 +76,8 @@ try:
         out["sha"] = h.hexdigest()
     elif op == "listdir":
         out["names"] = sorted(os.listdir(path))
+    elif op == "stat":
+        out["size"] = os.stat(path).st_size
     print(json.dumps({"ok": True, "t": time.monotonic() - t0, **out}))
 except OSError as e:
     print(json.dumps({"ok": False, "errno": e.errno, "stage": stage,
@@ -198,6 +201,48 @@ def test_reset_during_readahead_keeps_daemon_alive(proxy: FaultProxy, bucket: st
     proxy.clear()
     r = child("read", m.path / "seq")
     assert r["ok"] and r["sha"] == data_sha(size, "seq"), r
+
+
+def test_a_far_server_gets_more_streaming_gets(proxy: FaultProxy, bucket: str,
+                                             mount_factory: Any, s3: Any, key: Key) -> None:
+    """A server that takes over 5 ms to answer (the proxy holds every chunk 10 ms, which also
+    caps each connection near 6 MiB/s, as a far server's rate per connection does) gets 8
+    streaming GETs at once: a sequential read keeps more than 2 in flight and is right.
+    Straight from RGW on this machine, which answers in a millisecond or two and shares our
+    cores, the same read keeps to 2; ``-o get_streams=`` fixes the count."""
+    size = 32 << 20
+    put_sse(s3, bucket, "far", random.Random("far").randbytes(size), key)
+    for i in range(4):
+        put_sse(s3, bucket, f"small{i}", b"x", key)
+
+    near = mount_factory(bucket)
+    for i in range(4):  # a few small requests (HEADs) to time the server by
+        assert child("stat", near.path / f"small{i}")["ok"]
+    r = child("read", near.path / "far")
+    assert r["ok"] and r["sha"] == data_sha(size, "far"), r
+    got = mount_stats(near)
+    assert got["server_answer_us"] < 5000, got
+    assert (got["get_streams"], got["get_streams_uncached"]) == (2, 4), got
+    assert got["get_streams_peak"] <= 2, got
+
+    fixed = mount_factory(bucket, "-o", "get_streams=6")  # the option wins over the distance
+    r = child("read", fixed.path / "far")
+    assert r["ok"] and r["sha"] == data_sha(size, "far"), r
+    got = mount_stats(fixed)
+    assert (got["get_streams"], got["get_streams_uncached"]) == (6, 6), got
+
+    far = proxied(mount_factory, bucket, proxy)
+    proxy.latency(0.01)
+    for i in range(4):
+        assert child("stat", far.path / f"small{i}")["ok"]
+    r = child("read", far.path / "far")
+    proxy.latency(0)
+    assert r["ok"] and r["sha"] == data_sha(size, "far"), r
+    got = mount_stats(far)
+    assert got["server_answer_us"] >= 20000, got  # the request and the answer each held
+    assert (got["get_streams"], got["get_streams_uncached"]) == (8, 8), got
+    assert got["get_streams_peak"] > 2, got
+    assert "streaming GETs at once: 8, 8" in far.log_file.read_text()
 
 
 @pytest.mark.allow_warnings

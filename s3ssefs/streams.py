@@ -1,0 +1,39 @@
+"""How many streaming GETs run at once: few when the server is near, more when it is far.
+
+A streaming GET (a readahead run of up to 8 MiB, see :mod:`s3ssefs.files`) costs the daemon
+CPU for every byte: its worker thread takes the GIL back for each 16 KiB TLS record, and a
+block bound for the disk cache is sealed and written.  Against a server near enough to answer
+in a millisecond or two, as RGW on this machine's loopback, the cores are the limit: 2 streams
+read a cold 1 GiB file as fast as 8 (285-293 against 291-298 MiB/s, 3 interleaved runs) for
+5% less daemon CPU, and 4 streams suit blocks that skip the cache (they leave the cores to the
+GETs).  Against a server far away one connection is bound by its round trips and by the
+server's rate per connection (AWS quotes ~85-90 MB/s), and 2 streams leave the link idle:
+through a proxy adding 10 ms each way and capping each connection at 80 MiB/s, 2 streams read
+a cold 256 MiB file at 98 MiB/s, 8 at 163-195.
+
+The endpoint's name does not say which case a mount is in; the time the server takes to
+answer does.  The fastest answer among the last few small requests on open connections
+(:meth:`s3ssefs.http1.Pool.fastest_answer`) is the round trip plus the server's least work,
+and CPU contention on our side can only make answers slower, never faster, so one quick answer
+proves the server near.  Over :data:`FAR` the mount gets :data:`FAR_STREAMS` streams for both
+kinds of blocks.  ``get_streams`` fixes the count instead.
+"""
+
+from __future__ import annotations
+
+BULK_GETS = 2  # streams at once whose blocks go to the disk cache, from a near server...
+BULK_GETS_UNCACHED = 4  # ...and whose blocks do not (a file over cache_stream_max)
+FAR = 0.005  # s: a server whose fastest recent answer took longer is far
+FAR_STREAMS = 8  # streams of each kind from a far server (a readahead window of 64 MiB)
+
+
+def stream_counts(fastest_answer: float | None, fixed: int | None,
+                  max_requests: int) -> tuple[int, int]:
+    """(cached, uncached) streaming GETs allowed at once, never more than ``max_requests``."""
+    if fixed is not None:
+        cached = uncached = fixed
+    elif fastest_answer is not None and fastest_answer > FAR:
+        cached = uncached = FAR_STREAMS
+    else:
+        cached, uncached = BULK_GETS, BULK_GETS_UNCACHED
+    return min(cached, max_requests), min(uncached, max_requests)
