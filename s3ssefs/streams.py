@@ -16,7 +16,8 @@ answer does.  The fastest answer among the last few small requests on open conne
 (:meth:`s3ssefs.http1.Pool.fastest_answer`) is the round trip plus the server's least work,
 and CPU contention on our side can only make answers slower, never faster, so one quick answer
 proves the server near.  Over :data:`FAR` the mount gets :data:`FAR_STREAMS` streams for both
-kinds of blocks.  ``get_streams`` fixes the count instead.
+kinds of blocks.  ``get_streams`` fixes the count instead.  With ``boto3_only`` no answer
+is timed (the lean path's client times them) and the near counts hold.
 """
 
 from __future__ import annotations
