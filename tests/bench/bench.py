@@ -1232,11 +1232,27 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
         print(line(r))
 
 
+def start_far_proxy(spec: str, endpoint: str) -> str:
+    """Start farproxy.py in front of RGW; the endpoint to use instead (same CA, 127.0.0.1)."""
+    try:
+        delay, rate = (float(x) for x in spec.split(","))
+    except ValueError:
+        sys.exit(f"--far wants MS,MIBS (e.g. 10,80), not {spec!r}")
+    port = endpoint.rsplit(":", 1)[1].rstrip("/")
+    p = PROCS.start([sys.executable, str(Path(__file__).with_name("farproxy.py")), port,
+                     str(delay), str(rate)], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().strip() if p.stdout else ""
+    if not line.isdigit():
+        sys.exit("farproxy.py did not start")
+    return f"https://127.0.0.1:{line}"
+
+
 def report(ctx: Ctx, names: list[str], res: dict) -> None:
     S = res["systems"]
     print()
-    print(f"s3ssefs benchmark  {res['meta']['date']}  RGW {ctx.endpoint}  runs={ctx.args.runs}  "
-          "cells: median (min-max)")
+    far = f" (far: {ctx.args.far})" if ctx.args.far else ""
+    print(f"s3ssefs benchmark  {res['meta']['date']}  RGW {ctx.endpoint}{far}  "
+          f"runs={ctx.args.runs}  cells: median (min-max)")
     rows = []
     for met in metrics(ctx):
         if not any(met.key in S[n]["metrics"] for n in names):
@@ -1346,6 +1362,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="interpreter for s3ssefs (default .venv/bin/python)")
     ap.add_argument("--ratio-base", default="s3ssefs",
                     help="system the ratios are computed for (default s3ssefs)")
+    ap.add_argument("--far", metavar="MS,MIBS",
+                    help="reach RGW through farproxy.py: MS of delay each way and a cap of "
+                         "MIBS MiB/s per connection (e.g. 10,80), as a server across a network")
     ap.add_argument("--rgw-dir", help="state dir of tests/rgw-up.sh (default its own)")
     ap.add_argument("--no-rgw-up", action="store_true",
                     help="never run tests/rgw-up.sh (by default only when no RGW answers)")
@@ -1379,10 +1398,15 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.update(rgw)
     os.environ.update(rgw)  # our own boto3 (checksum settings for Ceph 16, CA, credentials)
+    endpoint = rgw["S3_ENDPOINT"]
+    if args.far:
+        endpoint = start_far_proxy(args.far, endpoint)
+        log(f"far: {args.far.split(',')[0]} ms each way, {args.far.split(',')[1]} MiB/s per "
+            f"connection, through {endpoint}")
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="s3ssefs-bench-", dir=args.workdir))
     os.chmod(work, 0o700)
-    ctx = Ctx(args=args, env=env, endpoint=rgw["S3_ENDPOINT"], ca=rgw["AWS_CA_BUNDLE"],
+    ctx = Ctx(args=args, env=env, endpoint=endpoint, ca=rgw["AWS_CA_BUNDLE"],
               key=os.urandom(32), work=work, runid=os.urandom(3).hex(), size=size,
               par_size=parse_size(args.par_size) if args.par_size else max(MiB, size // 8),
               par_n=args.par_n,
@@ -1418,7 +1442,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {work} and the buckets bench-{ctx.runid}-*")
 
     res = summarize(ctx, names, per)
-    res["meta"] = {"date": started, "endpoint": ctx.endpoint, "runs": args.runs,
+    res["meta"] = {"date": started, "endpoint": ctx.endpoint, "far": args.far,
+                   "runs": args.runs,
                    "interrupted": interrupted, "systems": names, "workloads": workloads,
                    "sizes": {"big": size, "par_size": ctx.par_size, "par_n": ctx.par_n,
                              "rename": ctx.rename_size, "small_n": ctx.small_n,
