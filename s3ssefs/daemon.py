@@ -292,6 +292,9 @@ class Mount:
                 if cmd == "stats":
                     reply = self.stats.snapshot()
                     reply["cache_bytes"] = self.cache.bytes_used
+                    fastest = self.store.fastest_answer()
+                    if fastest is not None:
+                        reply["server_answer_us"] = round(fastest * 1e6)
                 elif cmd == "umount":
                     reply = {"failed": await self._stop()}
                 else:

@@ -482,7 +482,7 @@ class ObjectStore:
     def _streams(self, cached: bool) -> trio.CapacityLimiter:
         """The limiter a streaming GET waits on, its size set from the server's latest
         fastest answer (a far server gets more streams, see :mod:`s3ssefs.streams`)."""
-        fastest = self.wire.fastest_answer() if self.wire is not None else None
+        fastest = self.fastest_answer()
         counts = stream_counts(fastest, self.cfg.get_streams, self.cfg.max_requests)
         if (self.bulk.total_tokens, self.bulk_uncached.total_tokens) != counts:
             log.info("streaming GETs at once: %d, %d for blocks past the cache (the server's "
@@ -490,9 +490,12 @@ class ObjectStore:
             self.bulk.total_tokens, self.bulk_uncached.total_tokens = counts
             self.stats.set("get_streams", counts[0])
             self.stats.set("get_streams_uncached", counts[1])
-        if fastest is not None:
-            self.stats.set("server_answer_us", round(fastest * 1e6))
         return self.bulk if cached else self.bulk_uncached
+
+    def fastest_answer(self) -> float | None:
+        """Seconds the server took to answer the quickest of the recent small requests (None
+        before the first, or with ``boto3_only``): see :mod:`s3ssefs.streams`."""
+        return self.wire.fastest_answer() if self.wire is not None else None
 
     async def list_pages(self, prefix: str, delimiter: str | None = "/",
                          start_after: str | None = None, page_size: int = 1000,
