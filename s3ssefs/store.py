@@ -291,11 +291,9 @@ class ObjectStore:
         # Streaming GETs have limits of their own, set by how far the server is (streams.py).
         # Each reads its body into its own buffer, so besides the GIL it is the memory in
         # flight they bound.  Small requests (HEAD, fragments, LIST) keep max_requests.
-        cached, uncached = stream_counts(None, cfg.get_streams, cfg.max_requests)
-        self.bulk = trio.CapacityLimiter(cached)
-        self.bulk_uncached = trio.CapacityLimiter(uncached)
-        self.stats.set("get_streams", cached)
-        self.stats.set("get_streams_uncached", uncached)
+        self.bulk = trio.CapacityLimiter(1)
+        self.bulk_uncached = trio.CapacityLimiter(1)
+        self._size_streams(stream_counts(None, cfg.get_streams, cfg.max_requests))
         self.part_size = cfg.part_size
         self._provider = provider_params(cfg.sse)
         session = boto_session(cfg)
@@ -487,10 +485,14 @@ class ObjectStore:
         if (self.bulk.total_tokens, self.bulk_uncached.total_tokens) != counts:
             log.info("streaming GETs at once: %d, %d for blocks past the cache (the server's "
                      "fastest recent answer took %.1f ms)", *counts, (fastest or 0.0) * 1000)
-            self.bulk.total_tokens, self.bulk_uncached.total_tokens = counts
-            self.stats.set("get_streams", counts[0])
-            self.stats.set("get_streams_uncached", counts[1])
+            self._size_streams(counts)
         return self.bulk if cached else self.bulk_uncached
+
+    def _size_streams(self, counts: tuple[int, int]) -> None:
+        """(cached, uncached) streaming GETs at once: the limiters and their gauges."""
+        self.bulk.total_tokens, self.bulk_uncached.total_tokens = counts
+        self.stats.set("get_streams", counts[0])
+        self.stats.set("get_streams_uncached", counts[1])
 
     def fastest_answer(self) -> float | None:
         """Seconds the server took to answer the quickest of the recent small requests (None

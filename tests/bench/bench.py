@@ -1244,6 +1244,7 @@ def start_far_proxy(spec: str, endpoint: str) -> str:
     line = p.stdout.readline().strip() if p.stdout else ""
     if not line.isdigit():
         sys.exit("farproxy.py did not start")
+    log(f"far: {delay:g} ms each way, {rate:g} MiB/s per connection, through port {line}")
     return f"https://127.0.0.1:{line}"
 
 
@@ -1401,8 +1402,6 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = rgw["S3_ENDPOINT"]
     if args.far:
         endpoint = start_far_proxy(args.far, endpoint)
-        log(f"far: {args.far.split(',')[0]} ms each way, {args.far.split(',')[1]} MiB/s per "
-            f"connection, through {endpoint}")
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="s3ssefs-bench-", dir=args.workdir))
     os.chmod(work, 0o700)
