@@ -6,12 +6,13 @@ from S3 — consecutive missing blocks in one ranged GET, several GETs in flight
 being fetched for one reader is awaited, not fetched again, by another.  While a file is read
 sequentially the readahead window doubles (4 → 64 MiB); a small random read fetches only what
 it needs, and of a block in the disk cache reads only the chunk holding it.  Fetched
-blocks go to the disk cache from a worker thread, off the read's path, except those a
-sequential reader's readahead fetches of an object larger than the whole cache: an LRU cache
-streamed through by more than it holds keeps none of it for the next pass (each block is
-evicted before it comes round again) and loses everything else it held, so filling it would
-cost CPU and disk writes for no hit at all.  ``cache_stream_max`` lowers that bound for
-mounts whose files are read once (backups, media), where the fill is only a cost.
+blocks go to the disk cache from a worker thread, off the read's path; those a sequential
+reader's readahead fetches only the second time S3 is asked for them (a file read once costs
+no disk writes, see ``BlockSource._admit``), and never those of an object larger than the
+whole cache: an LRU cache streamed through by more than it holds keeps none of it for the
+next pass (each block is evicted before it comes round again) and loses everything else it
+held, so filling it would cost CPU and disk writes for no hit at all.  ``cache_stream_max``
+lowers that bound.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
@@ -74,6 +75,9 @@ PARTS_IN_FLIGHT = 4
 CACHE_READERS = 4
 CACHE_READ_RUN = 4
 CACHE_BACKLOG = 64 << 20
+# blocks a sequential reader's readahead fetched once and did not cache, remembered (by name
+# only) so that fetching one again caches it: at most this many, oldest forgotten first
+SEEN_MAX = 1 << 20
 Buf = bytes | bytearray | memoryview
 
 
@@ -112,6 +116,9 @@ class BlockSource:
         self.inflight: dict[tuple[str, int], trio.Event] = {}
         self.nursery: trio.Nursery | None = None
         self.cache_backlog = 0  # bytes handed to _cache_put and not yet written
+        # readahead blocks fetched once and not cached (see _admit)
+        self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.seen_max = min(SEEN_MAX, max(1024, 2 * cache.max_bytes // block_size))
 
     def _mem_get(self, k: tuple[str, int]) -> Buf | None:
         data = self.mem.get(k)
@@ -206,19 +213,18 @@ class BlockSource:
 
     async def _fetch_run(self, ref: ObjectRef, first: int, last: int,
                          stream: bool = False) -> None:
-        """GET blocks ``first..last`` into memory, then into the disk cache, unless they are
-        readahead of a sequential reader (``stream``) in an object larger than ``stream_max``
-        (by default the cache's size; a mount option lowers it for read-once workloads)."""
+        """GET blocks ``first..last`` into memory, then those :meth:`_admit` lets in into the
+        disk cache (a sequential reader's readahead, ``stream``, only from its second pass)."""
         cid = ref.cache_id
         events = {}
         for b in range(first, last + 1):
             if (cid, b) not in self.inflight:
                 events[b] = self.inflight[(cid, b)] = trio.Event()
-        cached = not (stream and ref.size > self.stream_max)
+        admit = self._admit(ref, first, last, stream)
         try:
             start, end = first * self.bs, min((last + 1) * self.bs, ref.size)
             data = await self.store.get_range(ref.s3key, start, end, ref.sse_key, ref.version_id,
-                                              cached=cached)
+                                              cached=bool(admit))
             if len(data) != end - start:
                 raise FsError(errno.EIO, f"short read of {ref.s3key}: object changed?")
             view = memoryview(data)  # blocks share the GET's buffer: no copy per block
@@ -230,10 +236,38 @@ class BlockSource:
             for b, ev in events.items():
                 del self.inflight[(cid, b)]
                 ev.set()
-        if cached:
-            self._queue_cache_put(cid, blocks)
-        else:
-            self.stats.add("cache_streamed", len(blocks))
+        if admit:
+            self._queue_cache_put(cid, {b: d for b, d in blocks.items() if b in admit})
+        if len(admit) < len(blocks):
+            self.stats.add("cache_streamed", len(blocks) - len(admit))
+
+    def _admit(self, ref: ObjectRef, first: int, last: int, stream: bool) -> set[int]:
+        """Which of blocks ``first..last`` go to the disk cache once fetched.
+
+        A block a reader asks for: always.  A block of a sequential reader's readahead: only
+        the second time it is fetched from S3 in this mount, and never in an object larger
+        than ``stream_max``.  Most big files are read once, start to end (a copy, a backup,
+        a video), and a file read again within a mount is mostly still in the kernel's page
+        cache (FS.open keeps it), so a first pass that sealed and wrote every block would cost
+        a cold read about a third of its speed here for blocks nobody asks for again; a block
+        fetched a second time is one the page cache let go, and is kept.  Scan-resistant
+        caches admit the same way (2Q's ghost list, TinyLFU's doorkeeper).
+        """
+        blocks = range(first, last + 1)
+        if not stream:
+            return set(blocks)
+        if ref.size > self.stream_max:
+            return set()
+        cid, seen, admit = ref.cache_id, self.seen, set()
+        for b in blocks:
+            if (cid, b) in seen:
+                del seen[(cid, b)]
+                admit.add(b)
+            else:
+                seen[(cid, b)] = None
+        while len(seen) > self.seen_max:
+            seen.popitem(last=False)
+        return admit
 
     def _queue_cache_put(self, cid: str, blocks: dict[int, Buf]) -> None:
         """Write ``blocks`` to the disk cache in the background, unless CACHE_BACKLOG bytes

@@ -494,6 +494,8 @@ class Filesystem(pyfuse3.Operations):
         if data.dirty and not data.unlinked:
             return  # kept for retry; flush_all tries again
         node.data = None
+        # what the kernel's pages hold now: the content as it stands in S3 (flushed)
+        node.page_id = (node.etag, node.attrs.size) if node.remote else None
         await data.close()
 
     # ------------------------------------------------------------------ directories
@@ -726,6 +728,11 @@ class Filesystem(pyfuse3.Operations):
             log.warning("no key opens s3://%s/%s [EACCES]", self.store.bucket,
                         self.s3key(node.path))
             raise FsError(errno.EACCES, f"no key opens {node.path}")
+        # the kernel's page cache outlives a close: keep it when what it may hold is what S3
+        # has now (NFS's close-to-open), so a file read again is not fetched or decrypted
+        # again; drop it when another client changed the object (or we cannot tell)
+        keep = node.data is not None or (node.remote and
+                                         node.page_id == (node.etag, node.attrs.size))
         if node.data is None:
             node.data = FileData(self.ctx, node, self._base_ref(node))
         node.open_count += 1
@@ -739,7 +746,7 @@ class Filesystem(pyfuse3.Operations):
         fh = self._fh(node)
         if writing:
             self.writers.add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=bool(keep))
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> Buf:

@@ -54,6 +54,9 @@ class Node:
     just_probed: bool = False  # a lookup read it from S3 for the open that follows
     link_target: bytes | None = None
     data: FileData | None = None  # shared state of the open handles
+    # (etag, size) of the content the kernel may still hold pages of from the last open:
+    # an open that finds the object unchanged lets the kernel keep them (see FS.open)
+    page_id: tuple[str, int] | None = None
     open_count: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # foreign x-amz-meta-* to keep
 

@@ -8,8 +8,8 @@ streams only spend them on lock hand-offs.  Measured there (medians of 3 interle
 8 parallel readers of 128 MiB, up to 16 streams 295 MiB/s at 3.8 CPU s/GiB, 4 streams 320 at
 3.3 (memstore); with the block cache written ``O_DIRECT``, 2 streams read as fast as 4 for
 8 readers and for one cold 1 GiB file, at 8-9% less CPU, and as fast as 8 (285-293 against
-291-298 MiB/s, 5% less CPU; bluestore).  Blocks that skip the cache (a file over
-``cache_stream_max``) leave the cores to the GETs, and 2 streams then leave them idle
+291-298 MiB/s, 5% less CPU; bluestore).  Blocks that skip the cache (a first pass, or a file
+over ``cache_stream_max``) leave the cores to the GETs, and 2 streams then leave them idle
 (13-18%): 4 read a cold 1 GiB file at 363-382 MiB/s against 343-362.  Against a server far
 away one connection is bound by its round trips and by the server's rate per connection
 (AWS quotes ~85-90 MB/s), and 2 streams leave the link idle: through a proxy adding 10 ms

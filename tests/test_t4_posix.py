@@ -927,19 +927,41 @@ def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
     assert int(ra) == 1024
 
 
-def test_cache_stream_max_keeps_a_read_once_file_out_of_the_cache(mount_factory: Any, s3: Any,
-                                                                  bucket: str,
-                                                                  key: Key) -> None:
-    """``-o cache_stream_max=`` below a file's size: reading it sequentially returns the right
-    bytes and fills no block cache (the readahead blocks are counted as ``cache_streamed``);
-    with the default, the same read fills the cache."""
+def test_a_file_read_once_is_not_written_to_the_block_cache(mount_factory: Any, s3: Any,
+                                                            bucket: str, key: Key) -> None:
+    """Reading a file start to end returns the right bytes and writes its readahead blocks to
+    no disk: they are served from memory (counted as ``cache_streamed``) and cached only when
+    S3 is asked for them a second time (test_t2_store covers that second pass)."""
     body = pattern(24 * MiB, seed=9)
     s3.put_object(Bucket=bucket, Key="once.bin", Body=body, **sse(key))
-    streamed = {}
-    for name, extra in (("default", ()), ("read-once", ("-o", "cache_stream_max=1M"))):
-        m = mount_factory(bucket, *extra)
-        assert hashlib.sha256((m.path / "once.bin").read_bytes()).digest() == \
-            hashlib.sha256(body).digest()
-        streamed[name] = mount_stats(m).get("cache_streamed", 0)
-    assert streamed["default"] == 0
-    assert streamed["read-once"] >= 16  # all but the first blocks come from readahead
+    m = mount_factory(bucket)
+    assert hashlib.sha256((m.path / "once.bin").read_bytes()).digest() == \
+        hashlib.sha256(body).digest()
+    stats = mount_stats(m)
+    assert stats.get("cache_streamed", 0) >= 16  # all but the first blocks come from readahead
+    assert stats["cache_bytes"] < 4 * MiB
+
+
+def test_a_file_read_again_unchanged_costs_no_request(mount_factory: Any, s3: Any, bucket: str,
+                                                      key: Key) -> None:
+    """An open that finds the object unchanged in S3 lets the kernel keep the pages it read
+    before (close-to-open, as NFS does): reading the file again asks the daemon for nothing.
+    After another client rewrote it, even at the same size, the next open reads the new
+    bytes."""
+    body = pattern(8 * MiB, seed=31)
+    meta = {"mtime": "1700000000"}  # the rewrite keeps it: no attribute tells them apart
+    s3.put_object(Bucket=bucket, Key="again.bin", Body=body, Metadata=meta, **sse(key))
+    m = mount_factory(bucket)
+    f = m.path / "again.bin"
+    assert f.read_bytes() == body
+    before = mount_stats(m)
+    assert f.read_bytes() == body
+    after = mount_stats(m)
+    assert after["requests"]["get"] == before["requests"]["get"]
+    assert after.get("cache_hits", 0) == before.get("cache_hits", 0)  # not even from memory
+    assert after["requests"]["head"] > before["requests"]["head"]  # the open looked at S3
+
+    body2 = pattern(8 * MiB, seed=32)
+    s3.put_object(Bucket=bucket, Key="again.bin", Body=body2, Metadata=meta, **sse(key))
+    assert f.stat().st_mtime == 1700000000
+    assert f.read_bytes() == body2
