@@ -544,8 +544,9 @@ class S3ssefs(System):
 
 
 class S3ssefsReadOnce(S3ssefs):
-    """s3ssefs configured for files read once (``-o cache_stream_max=0``): sequential reads
-    do not fill the block cache.  Only the read workloads (the others do not differ)."""
+    """s3ssefs with ``-o cache_stream_max=0``: sequential reads never fill the block cache,
+    not even on a second pass (the default's first pass does not either).  Only the read
+    workloads (the others do not differ)."""
 
     name = "s3ssefs-once"
     workloads = ("read-cold", "read-warm", "par-read")
