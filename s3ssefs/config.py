@@ -137,6 +137,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_stream_max", parse_size,
            "largest file a sequential read puts in the block cache (default: cache_size)",
            metavar="SIZE"),
+    Option("random_readahead", parse_size,
+           "a small random read that misses also fetches, in the background, the aligned "
+           "region of this size around it (default 0: only the 64K around the read)",
+           metavar="SIZE"),
     Option("read_only", parse_bool, "mount read-only", flag=True),
     Option("as_of", parse_timestamp, "read-only view of a versioned bucket at this time",
            metavar="TIMESTAMP"),
@@ -194,6 +198,7 @@ class MountConfig:
     cache_dir: Path | None = None
     cache_size: int = 2 << 30
     cache_stream_max: int | None = None  # None: cache_size
+    random_readahead: int = 0
     read_only: bool = False
     as_of: _dt.datetime | None = None
     allow_other: bool = False

@@ -237,7 +237,8 @@ class Mount:
         self.cache = BlockCache(self.state_dir / "blocks", cfg.cache_size, self.cipher)
         self.keyring = KeyRing(keyfile, self.store, self.state_dir)
         source = BlockSource(self.store, self.cache, cfg.block_size, self.stats,
-                             stream_max=cfg.cache_stream_max)
+                             stream_max=cfg.cache_stream_max,
+                             random_ahead=cfg.random_readahead)
         self.ctx = Ctx(store=self.store, source=source, cipher=self.cipher, spill_dir=spill_dir,
                        block_size=cfg.block_size, part_size=cfg.part_size,
                        multipart_threshold=cfg.multipart_threshold, s3key=str,

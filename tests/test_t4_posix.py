@@ -919,6 +919,48 @@ def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket:
     assert after["requests"].get("get", 0) == first["requests"].get("get", 0)
 
 
+def test_random_readahead_fetches_the_region_around_a_random_read(
+        mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
+    """With ``-o random_readahead=8M`` a random 4 KiB read that misses returns at once and
+    fetches the 8 MiB region around it in the background (and only that region): random reads
+    there afterwards cost no request.  A read in another region fetches that region too."""
+    body = pattern(32 * MiB, seed=12)
+    s3.put_object(Bucket=bucket, Key="dense.bin", Body=body, **sse(key))
+    m = mount_factory(bucket, "-o", "random_readahead=8M")
+    rng = random.Random(8)
+
+    def settled() -> dict[str, Any]:
+        """Stats once no region fetch is pending (a deadline, not a sleep)."""
+        deadline = time.monotonic() + 60
+        while True:
+            stats = mount_stats(m)
+            if stats.get("random_ahead_pending", 0) == 0 or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
+
+    fd = os.open(m.path / "dense.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        before = mount_stats(m)
+        off = 9 * MiB + 4096  # in region 1 (8-16 MiB)
+        assert os.pread(fd, 4096, off) == body[off:off + 4096]
+        first = settled()
+        assert first.get("random_ahead_pending", 0) == 0, "region fetch still pending after 60 s"
+        down = first["bytes_down"] - before.get("bytes_down", 0)
+        assert 8 * MiB <= down <= 8 * MiB + 128 * 1024, down  # the region and one fragment
+        for _ in range(40):
+            off = rng.randrange(8 * MiB, 16 * MiB - 4096)
+            assert os.pread(fd, 4096, off) == body[off:off + 4096], off
+        again = mount_stats(m)
+        assert again["requests"]["get"] == first["requests"]["get"]
+        off = 30 * MiB + 123  # region 3
+        assert os.pread(fd, 4096, off) == body[off:off + 4096]
+        last = settled()
+        assert 8 * MiB <= last["bytes_down"] - again["bytes_down"] <= 8 * MiB + 128 * 1024
+    finally:
+        os.close(fd)
+
+
 def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
     """The mount's readahead is 1 MiB (the kernel then sends 1 MiB reads, not 128 KiB ones):
     set after the FUSE handshake, which would otherwise cap it back at 128 KiB."""

@@ -556,6 +556,18 @@ class S3ssefsReadOnce(S3ssefs):
         return [*cmd, "-o", "cache_stream_max=0"], env
 
 
+class S3ssefsRandomAhead(S3ssefs):
+    """s3ssefs with ``-o random_readahead=8M``: a small random read that misses also fetches
+    the 8 MiB around it in the background.  Only the random-read workloads."""
+
+    name = "s3ssefs-ahead"
+    workloads = ("rand-cold", "rand-warm")
+
+    def command(self):
+        cmd, env = super().command()
+        return [*cmd, "-o", "random_readahead=8M"], env
+
+
 class S3fs(System):
     """Debian s3fs-fuse.  Key file: one key per line; a line longer than 32 chars is taken as
     base64 (s3fs PushbackSseKeys), so we write the base64 of the 32 random bytes."""
@@ -672,10 +684,11 @@ class Boto3Serial(Boto3):
     workloads = ("small",)
 
 
-SYSTEMS = {c.name: c for c in (S3ssefs, S3ssefsReadOnce, S3fs, S3fsNoCopyApi, S3fsNoMultipart,
-                               S3fsCache, RcloneWrites, RcloneFull, Boto3, Boto3Serial)}
-DEFAULT_SYSTEMS = ("s3ssefs,s3ssefs-once,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,"
-                   "boto3,boto3-serial")
+SYSTEMS = {c.name: c for c in (S3ssefs, S3ssefsReadOnce, S3ssefsRandomAhead, S3fs,
+                               S3fsNoCopyApi, S3fsNoMultipart, S3fsCache, RcloneWrites,
+                               RcloneFull, Boto3, Boto3Serial)}
+DEFAULT_SYSTEMS = ("s3ssefs,s3ssefs-once,s3ssefs-ahead,s3fs,s3fs-nocopy,s3fs-nomp,"
+                   "rclone-writes,rclone-full,boto3,boto3-serial")
 
 
 # --------------------------------------------------------------------------------- fio
