@@ -171,6 +171,31 @@ async def test_small_reads_of_cached_blocks_read_the_cache_not_s3(rgw, bucket, k
     assert max(read_sizes) <= 2 * (chunk + cache_mod.PAGE)
 
 
+async def test_a_small_read_does_not_wait_for_a_block_get_under_way(rgw, bucket, key,
+                                                                   tmp_path) -> None:
+    """A small random read whose block another GET is fetching (readahead, or a region of
+    ``random_readahead``, which may be 8 MiB long or queued behind others) is answered by
+    its own short fragment GET, with the right bytes, instead of waiting for that GET."""
+    import trio
+
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import BlockSource, ObjectRef
+
+    store = make_store(rgw, bucket)
+    body = data(2 * MiB)
+    await store.put("busy.bin", body, key)
+    source = BlockSource(store, BlockCache(tmp_path / "cache", 8 * MiB, LocalCipher()), MiB,
+                         store.stats)
+    ref = ObjectRef("busy.bin", "etag", len(body), key)
+    never = trio.Event()  # a GET of block 1 that does not finish while the read runs
+    source.inflight[(ref.cache_id, 1)] = never
+    off = MiB + 12345
+    with trio.fail_after(60):
+        assert bytes(await source.piece(ref, off, off + 4096)) == body[off:off + 4096]
+    assert store.stats.snapshot()["fragment_gets"] == 1
+
+
 async def test_streaming_a_file_larger_than_the_cache_keeps_what_the_cache_held(
         rgw, bucket, key, tmp_path) -> None:
     """A sequential reader's readahead through an object larger than the whole cache does not
