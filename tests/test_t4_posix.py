@@ -921,9 +921,10 @@ def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket:
 
 def test_random_readahead_fetches_the_region_around_a_random_read(
         mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
-    """With ``-o random_readahead=8M`` a random 4 KiB read that misses returns at once and
-    fetches the 8 MiB region around it in the background (and only that region): random reads
-    there afterwards cost no request.  A read in another region fetches that region too."""
+    """With ``-o random_readahead=8M`` a random 4 KiB read that misses returns the right
+    bytes and fetches the 8 MiB region around it in the background (and only that region):
+    random reads there afterwards cost no request.  A read in another region fetches that
+    region too.  (That the read does not wait for the region: test_t2_store.)"""
     body = pattern(32 * MiB, seed=12)
     s3.put_object(Bucket=bucket, Key="dense.bin", Body=body, **sse(key))
     m = mount_factory(bucket, "-o", "random_readahead=8M")
