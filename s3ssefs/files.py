@@ -310,15 +310,18 @@ class BlockSource:
                 if (cid, b) not in self.mem and (cid, b) not in self.inflight]
         if not want or self.nursery is None:
             return
+        self.nursery.start_soon(self._background_ensure, ref, want, True, "readahead")
 
-        async def run() -> None:
-            # a background task: nothing it meets may take the mount down
-            try:
-                await self._ensure(ref, want, stream=True)
-            except Exception as e:
-                log.debug("readahead of %s failed: %s", ref.s3key, e)
-
-        self.nursery.start_soon(run)
+    async def _background_ensure(self, ref: ObjectRef, want: list[int], stream: bool,
+                                 what: str) -> bool:
+        """:meth:`_ensure` as a background task: nothing it meets may take the mount down,
+        and the real read meets any error again.  Whether it succeeded."""
+        try:
+            await self._ensure(ref, want, stream=stream)
+        except Exception as e:
+            log.debug("%s of %s failed: %s", what, ref.s3key, e)
+            return False
+        return True
 
     def region_prefetch(self, ref: ObjectRef, b: int, last: int) -> None:
         """``random_readahead``: fetch, in the background, the blocks of the region around
@@ -361,11 +364,9 @@ class BlockSource:
         self.stats.set("random_ahead_pending", self.regions_pending)
 
         async def run() -> None:
-            try:  # a background task: nothing it meets may take the mount down
-                await self._ensure(ref, want)
-            except Exception as e:
-                log.debug("random readahead of %s failed: %s", ref.s3key, e)
-                self.regions.pop((cid, r), None)
+            try:
+                if not await self._background_ensure(ref, want, False, "random readahead"):
+                    self.regions.pop((cid, r), None)  # a later read there tries again
             finally:
                 self.regions_pending -= 1
                 self.stats.set("random_ahead_pending", self.regions_pending)
