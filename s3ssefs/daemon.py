@@ -32,6 +32,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from s3ssefs import workers
 from s3ssefs.cache import BlockCache
 from s3ssefs.config import MountConfig
 from s3ssefs.crypto import LocalCipher
@@ -350,7 +351,7 @@ class Mount:
 
     async def _announce(self, ready_fd: int | None) -> None:
         """Tell the parent / systemd the mount is up once it answers a stat."""
-        await trio.to_thread.run_sync(os.stat, str(self.mountpoint))
+        await workers.run_sync(os.stat, str(self.mountpoint))
         # only now: the kernel lowers readahead to what the FUSE handshake said, and the
         # handshake is over once the mount answers
         set_kernel_readahead(self.mountpoint, self.cfg.readahead)

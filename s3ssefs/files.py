@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from s3ssefs import workers
 from s3ssefs.aio import gather
 from s3ssefs.cache import BlockCache
 from s3ssefs.crypto import CorruptBlock, LocalCipher
@@ -211,12 +212,12 @@ class BlockSource:
 
         n = min(CACHE_READERS, -(-len(blocks) // CACHE_READ_RUN))
         if n <= 1:
-            return await trio.to_thread.run_sync(read, blocks)
+            return await workers.run_sync(read, blocks)
         size = -(-len(blocks) // n)
         out: dict[int, Buf | None] = {}
 
         async def read_into_out(part: list[int]) -> None:
-            out.update(await trio.to_thread.run_sync(read, part))
+            out.update(await workers.run_sync(read, part))
 
         await gather(partial(read_into_out, blocks[i:i + size])
                      for i in range(0, len(blocks), size))
@@ -295,7 +296,7 @@ class BlockSource:
 
     async def _cache_put(self, cid: str, blocks: dict[int, Buf], size: int) -> None:
         try:
-            await trio.to_thread.run_sync(lambda: [self.cache.put(cid, b, d)
+            await workers.run_sync(lambda: [self.cache.put(cid, b, d)
                                                    for b, d in blocks.items()])
         except Exception as e:  # only a cache: a failure costs a later GET, nothing more
             log.debug("caching blocks failed: %s", e)
@@ -394,7 +395,7 @@ class BlockSource:
         if block is not None and len(block) >= hi:
             got = memoryview(block)[lo:hi]
         elif (cid, b) in self.cache:
-            got = await trio.to_thread.run_sync(self.cache.get_range, cid, b, lo, hi)
+            got = await workers.run_sync(self.cache.get_range, cid, b, lo, hi)
         if got is None:
             return await self.fragments(ref, start, end)
         self.stats.add("cache_hits")
@@ -411,7 +412,7 @@ class BlockSource:
         # otherwise pay a thread round trip for nothing
         on_disk = [f for f, d in have.items() if d is None and (cid, _frag_block(f)) in self.cache]
         if on_disk:
-            cached = await trio.to_thread.run_sync(
+            cached = await workers.run_sync(
                 lambda: {f: self.cache.get(cid, _frag_block(f)) for f in on_disk})
             for f, d in cached.items():
                 if d is not None:
@@ -523,7 +524,7 @@ class FileData:
         spill = self.spill
         assert spill is not None
         try:
-            got = await trio.to_thread.run_sync(spill.read_block, b)
+            got = await workers.run_sync(spill.read_block, b)
         except CorruptBlock:
             raise FsError(errno.EIO, f"spill block {b} of {self.node.path} corrupt") from None
         return got or b""
@@ -665,7 +666,7 @@ class FileData:
         spill = self.spill
         try:
             # blk left self.mem: nothing changes it while the thread seals it
-            await trio.to_thread.run_sync(spill.write_block, b, blk)
+            await workers.run_sync(spill.write_block, b, blk)
         except OSError as e:
             self.mem[b] = bytearray(blk)  # keep it: nothing acknowledged is dropped
             raise FsError(e.errno or errno.EIO, f"spill write failed: {e.strerror}") from None
@@ -679,7 +680,7 @@ class FileData:
                     self.local.discard(b)
                     self.mem.pop(b, None)
                 if self.spill is not None:
-                    await trio.to_thread.run_sync(self.spill.drop_from, nb)
+                    await workers.run_sync(self.spill.drop_from, nb)
                 if new_size % self.bs:
                     b = new_size // self.bs
                     blk = (await self._blocks(b, b))[0]

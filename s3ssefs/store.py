@@ -1,11 +1,12 @@
 """ObjectStore: every S3 call s3ssefs makes, async, with SSE-C, one retry policy, one errno map.
 
-boto3 is synchronous, so each call runs in a trio worker thread; one ``CapacityLimiter`` bounds
-the calls in flight, and botocore's connection pool is sized to match so no thread waits for a
-socket.  The one retry policy is :meth:`ObjectStore._call`'s: throttling, 5xx and connection
-errors are retried with a doubling backoff until the call's deadline (``request_timeout``),
-after which the caller gets EIO and a stuck thread is abandoned, so no FUSE request waits
-forever.  The hot small calls (HEAD, ranged GET, PUT, LIST) first try the lean path of
+boto3 is synchronous, so each call runs in a worker thread (:mod:`s3ssefs.workers`); one
+``CapacityLimiter`` bounds the calls in flight, and botocore's connection pool is sized to
+match so no thread waits for a socket.  The one retry policy is
+:meth:`ObjectStore._call`'s: throttling, 5xx and connection errors are retried with a
+doubling backoff until the call's deadline (``request_timeout``), after which the caller gets
+EIO and a stuck thread is abandoned, so no FUSE request waits forever.  The hot small calls
+(HEAD, ranged GET, PUT, LIST) first try the lean path of
 :mod:`s3ssefs.wire`, a third of boto3's CPU per request; what it cannot finish, boto3 tries.
 
 SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone, and how a write *we* make
@@ -57,6 +58,7 @@ from botocore.exceptions import (
 )
 from urllib3.exceptions import HTTPError
 
+from s3ssefs import workers
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
@@ -355,7 +357,7 @@ class ObjectStore:
 
             try:
                 with trio.fail_at(deadline):
-                    resp = await trio.to_thread.run_sync(run, limiter=self.limiter,
+                    resp = await workers.run_sync(run, limiter=self.limiter,
                                                          abandon_on_cancel=True)
             except trio.TooSlowError:
                 abandoned.set()
