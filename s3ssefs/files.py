@@ -297,7 +297,7 @@ class BlockSource:
     async def _cache_put(self, cid: str, blocks: dict[int, Buf], size: int) -> None:
         try:
             await workers.run_sync(lambda: [self.cache.put(cid, b, d)
-                                                   for b, d in blocks.items()])
+                                            for b, d in blocks.items()])
         except Exception as e:  # only a cache: a failure costs a later GET, nothing more
             log.debug("caching blocks failed: %s", e)
         finally:

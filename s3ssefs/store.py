@@ -6,8 +6,8 @@ match so no thread waits for a socket.  The one retry policy is
 :meth:`ObjectStore._call`'s: throttling, 5xx and connection errors are retried with a
 doubling backoff until the call's deadline (``request_timeout``), after which the caller gets
 EIO and a stuck thread is abandoned, so no FUSE request waits forever.  The hot small calls
-(HEAD, ranged GET, PUT, LIST) first try the lean path of
-:mod:`s3ssefs.wire`, a third of boto3's CPU per request; what it cannot finish, boto3 tries.
+(HEAD, ranged GET, PUT, LIST) first try the lean path of :mod:`s3ssefs.wire`, a third of
+boto3's CPU per request; what it cannot finish, boto3 tries.
 
 SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone, and how a write *we* make
 is encrypted is decided in one place, :meth:`ObjectStore.write_params`: with a key, SSE-C under
@@ -358,7 +358,7 @@ class ObjectStore:
             try:
                 with trio.fail_at(deadline):
                     resp = await workers.run_sync(run, limiter=self.limiter,
-                                                         abandon_on_cancel=True)
+                                                  abandon_on_cancel=True)
             except trio.TooSlowError:
                 abandoned.set()
                 self.stats.error(kind)
