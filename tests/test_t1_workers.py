@@ -96,3 +96,19 @@ async def test_idle_threads_are_reused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(idents) == 1
     assert threads.made == 1
     assert threading.get_ident() not in idents
+
+
+async def test_an_idle_thread_ends_and_the_next_call_starts_another(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = workers._Threads()
+    monkeypatch.setattr(workers, "_threads", threads)
+    monkeypatch.setattr(workers, "IDLE_SECONDS", 0.05)
+    first = await workers.run_sync(threading.current_thread)
+    # the thread ends on its own once idle (joined from another thread, with a deadline)
+    await trio.to_thread.run_sync(first.join, DEADLINE)
+    assert not first.is_alive()
+    # and no call is left waiting for it: the next one gets a new thread and its answer
+    with trio.fail_after(DEADLINE):  # a job queued for a thread that is gone fails here
+        second = await workers.run_sync(threading.current_thread, abandon_on_cancel=True)
+    assert second is not first
+    assert threads.made == 2
