@@ -39,6 +39,15 @@ async def test_the_answer_and_the_error_come_back_to_the_caller() -> None:
     assert got == {i: i * i for i in range(200)}
 
 
+async def _cancel_once_started(started: threading.Event, scope: trio.CancelScope,
+                               then: threading.Event | None = None) -> None:
+    """Cancel ``scope`` once the call under test has started in its thread; then set ``then``."""
+    await workers.run_sync(started.wait, DEADLINE)
+    scope.cancel()
+    if then is not None:
+        then.set()
+
+
 async def test_an_abandoned_call_holds_its_limiter_token_until_its_thread_ends() -> None:
     limiter = trio.CapacityLimiter(1)
     started, release = threading.Event(), threading.Event()
@@ -51,11 +60,7 @@ async def test_an_abandoned_call_holds_its_limiter_token_until_its_thread_ends()
     with trio.fail_after(DEADLINE):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as n:
-                async def wait_started() -> None:
-                    await workers.run_sync(started.wait, DEADLINE)
-                    scope.cancel()
-
-                n.start_soon(wait_started)
+                n.start_soon(_cancel_once_started, started, scope)
                 await workers.run_sync(stuck, limiter=limiter, abandon_on_cancel=True)
         assert scope.cancelled_caught  # the caller was freed while the thread still ran
         assert limiter.borrowed_tokens == 1
@@ -76,12 +81,7 @@ async def test_a_call_not_to_be_abandoned_is_waited_for_on_cancel() -> None:
     with trio.fail_after(DEADLINE):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as n:
-                async def cancel_once_started() -> None:
-                    await workers.run_sync(started.wait, DEADLINE)
-                    scope.cancel()
-                    release.set()
-
-                n.start_soon(cancel_once_started)
+                n.start_soon(_cancel_once_started, started, scope, release)
                 await workers.run_sync(write)
                 await trio.lowlevel.checkpoint()
         assert scope.cancelled_caught
