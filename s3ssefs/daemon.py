@@ -41,6 +41,7 @@ from s3ssefs.files import BlockSource, Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import KeyFile
+from s3ssefs.pages import KernelPages
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
 from s3ssefs.view import AsOfView, LiveView
@@ -308,6 +309,7 @@ class Mount:
     async def run(self, ready_fd: int | None) -> int:
         await preflight(self.store, self.cfg)
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
+        self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
         registry = runtime_dir() / f"{self.id}.json"
         try:
             async with trio.open_nursery() as n:

@@ -5,15 +5,15 @@ small in-memory LRU, else from the encrypted on-disk :class:`~s3ssefs.cache.Bloc
 from S3 — consecutive missing blocks in one ranged GET, several GETs in flight, and a block
 being fetched for one reader is awaited, not fetched again, by another.  While a file is read
 sequentially the readahead window doubles (4 → 64 MiB); a small random read fetches only what
-it needs (and, opted into with ``random_readahead``, the region around it in the background),
-and of a block in the disk cache reads only the chunk holding it.  Fetched
-blocks go to the disk cache from a worker thread, off the read's path; those a sequential
-reader's readahead fetches only the second time S3 is asked for them (a file read once costs
-no disk writes, see ``BlockSource._admit``), and never those of an object larger than the
-whole cache: an LRU cache streamed through by more than it holds keeps none of it for the
-next pass (each block is evicted before it comes round again) and loses everything else it
-held, so filling it would cost CPU and disk writes for no hit at all.  ``cache_stream_max``
-lowers that bound.
+it needs (and, opted into with ``random_readahead``, the region around it in the background,
+handed to the kernel's page cache: :mod:`s3ssefs.pages`), and of a block in the disk cache
+reads only the chunk holding it.  Fetched blocks go to the disk cache from a worker thread, off
+the read's path; those a sequential reader's readahead fetches only the second time S3 is asked
+for them (a file read once costs no disk writes, see ``BlockSource._admit``), and never those
+of an object larger than the whole cache: an LRU cache streamed through by more than it holds
+keeps none of it for the next pass (each block is evicted before it comes round again) and
+loses everything else it held, so filling it would cost CPU and disk writes for no hit at
+all.  ``cache_stream_max`` lowers that bound.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -48,6 +48,7 @@ from s3ssefs.crypto import CorruptBlock, LocalCipher
 from s3ssefs.errors import FsError
 from s3ssefs.keys import Key
 from s3ssefs.meta import CTIME, MTIME
+from s3ssefs.pages import KernelPages
 from s3ssefs.spill import Spill
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectInfo, ObjectStore
@@ -85,6 +86,9 @@ SEEN_MAX = 1 << 20
 # that stops leaves at most this many regions to fetch
 REGIONS_PENDING = 8
 Buf = bytes | bytearray | memoryview
+# hands fetched blocks {block number: content} of an object version to the kernel's page
+# cache for the file being read; whether they all went (see FileData._publish)
+Publish = Callable[["ObjectRef", dict[int, Buf]], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,10 @@ class BlockSource:
         # readahead blocks fetched once and not cached (see _admit)
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.seen_max = min(SEEN_MAX, max(1024, 2 * cache.max_bytes // block_size))
-        # random_readahead, in blocks (0: off); regions fetched lately (see region_prefetch)
+        # random_readahead, in blocks (0: off); regions fetched lately, and whether they went
+        # to the kernel's page cache instead of the disk cache (see region_prefetch)
         self.region = -(-random_ahead // block_size) if random_ahead > 0 else 0
-        self.regions: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.regions: OrderedDict[tuple[str, int], bool] = OrderedDict()
         self.regions_max = max(64, cache.max_bytes // max(1, self.region * block_size))
         self.regions_pending = 0
 
@@ -177,10 +182,11 @@ class BlockSource:
                 out[b] = data
         return [out[b] for b in range(first, last + 1)]
 
-    async def _ensure(self, ref: ObjectRef, wanted: list[int], stream: bool = False) -> None:
+    async def _ensure(self, ref: ObjectRef, wanted: list[int], stream: bool = False,
+                      disk: bool = True) -> None:
         """Bring ``wanted`` blocks into memory: wait for in-flight ones, read cached ones,
         fetch the rest in runs of consecutive blocks (``stream``: for a sequential reader's
-        readahead, see :meth:`_fetch_run`)."""
+        readahead, see :meth:`_fetch_run`; ``disk=False``: keep them out of the disk cache)."""
         cid = ref.cache_id
         waits = [self.inflight[(cid, b)] for b in wanted if (cid, b) in self.inflight]
         todo = [b for b in wanted if (cid, b) not in self.inflight and (cid, b) not in self.mem]
@@ -200,7 +206,7 @@ class BlockSource:
                 runs.append((b, b))
         if runs:
             self.stats.add("cache_misses", len(todo))
-            await gather(partial(self._fetch_run, ref, a, z, stream) for a, z in runs)
+            await gather(partial(self._fetch_run, ref, a, z, stream, disk) for a, z in runs)
         for ev in waits:
             await ev.wait()
 
@@ -224,15 +230,16 @@ class BlockSource:
         return out
 
     async def _fetch_run(self, ref: ObjectRef, first: int, last: int,
-                         stream: bool = False) -> None:
+                         stream: bool = False, disk: bool = True) -> None:
         """GET blocks ``first..last`` into memory, then those :meth:`_admit` lets in into the
-        disk cache (a sequential reader's readahead, ``stream``, only from its second pass)."""
+        disk cache (a sequential reader's readahead, ``stream``, only from its second pass;
+        none with ``disk=False``)."""
         cid = ref.cache_id
         events = {}
         for b in range(first, last + 1):
             if (cid, b) not in self.inflight:
                 events[b] = self.inflight[(cid, b)] = trio.Event()
-        admit = self._admit(ref, first, last, stream)
+        admit = self._admit(ref, first, last, stream) if disk else set()
         try:
             start, end = first * self.bs, min((last + 1) * self.bs, ref.size)
             data = await self.store.get_range(ref.s3key, start, end, ref.sse_key, ref.version_id,
@@ -314,20 +321,24 @@ class BlockSource:
         self.nursery.start_soon(self._background_ensure, ref, want, True, "readahead")
 
     async def _background_ensure(self, ref: ObjectRef, want: list[int], stream: bool,
-                                 what: str) -> bool:
+                                 what: str, disk: bool = True) -> bool:
         """:meth:`_ensure` as a background task: nothing it meets may take the mount down,
         and the real read meets any error again.  Whether it succeeded."""
         try:
-            await self._ensure(ref, want, stream=stream)
+            await self._ensure(ref, want, stream=stream, disk=disk)
         except Exception as e:
             log.debug("%s of %s failed: %s", what, ref.s3key, e)
             return False
         return True
 
-    def region_prefetch(self, ref: ObjectRef, b: int, last: int) -> None:
+    def region_prefetch(self, ref: ObjectRef, b: int, last: int,
+                        publish: Publish | None = None) -> None:
         """``random_readahead``: fetch, in the background, the blocks of the region around
         block ``b`` (no further than block ``last``) that are neither in memory nor in the
-        disk cache, and cache them, so that later random reads there cost no request.
+        disk cache, so that later random reads there cost no request.  ``publish``, if the
+        reader's file may take them, hands the fetched blocks to the kernel's page cache
+        (see :mod:`s3ssefs.pages`); else, or if it declines them at the end, they go to the
+        disk cache.
 
         Off by default.  It pays when a program reads most of a large file in random order
         (a shuffle over a training set): then the file is soon fetched in large GETs,
@@ -337,17 +348,22 @@ class BlockSource:
         performance section has the figures.
 
         A region is fetched once while it is remembered (as many as the disk cache holds,
-        most recently read first): its blocks go straight to the disk cache, not from their
-        second fetch as readahead's do (:meth:`_admit`).  Fetched again whenever memory let
-        them go, a file larger than the memory LRU was downloaded over and over by one
-        reader: 2,000 reads of 1 GiB ran at 1.1x boto3 serial instead of 1.9x, on 1.6x the
-        CPU."""
+        most recently read first): its blocks are kept at once, not from their second fetch
+        as readahead's are (:meth:`_admit`).  Fetched again whenever memory let them go, a
+        file larger than the memory LRU was downloaded over and over by one reader: 2,000
+        reads of 1 GiB ran at 1.1x boto3 serial instead of 1.9x, on 1.6x the CPU.  The
+        exception is a region handed to the kernel: a read of it that reaches us and finds
+        its block in neither memory nor the disk cache means the kernel has let the pages
+        go, and the region is fetched again."""
         if not self.region or self.nursery is None:
             return
         cid, r = ref.cache_id, b // self.region
         if (cid, r) in self.regions:
-            self.regions.move_to_end((cid, r))
-            return
+            if not (self.regions[(cid, r)] and (cid, b) not in self.mem
+                    and (cid, b) not in self.inflight and (cid, b) not in self.cache):
+                self.regions.move_to_end((cid, r))
+                return
+            del self.regions[(cid, r)]  # the kernel's pages of it are gone: fetch it again
         if self.regions_pending >= REGIONS_PENDING:
             return  # a reader outrunning the GETs: its reads fetch fragments meanwhile
         first, last = r * self.region, min(last, (r + 1) * self.region - 1,
@@ -355,7 +371,7 @@ class BlockSource:
         want = [x for x in range(first, last + 1)
                 if (cid, x) not in self.mem and (cid, x) not in self.inflight
                 and (cid, x) not in self.cache]
-        self.regions[(cid, r)] = None
+        self.regions[(cid, r)] = False
         while len(self.regions) > self.regions_max:
             self.regions.popitem(last=False)
         if not want:
@@ -366,13 +382,33 @@ class BlockSource:
 
         async def run() -> None:
             try:
-                if not await self._background_ensure(ref, want, False, "random readahead"):
+                if not await self._background_ensure(ref, want, False, "random readahead",
+                                                     disk=publish is None):
                     self.regions.pop((cid, r), None)  # a later read there tries again
+                elif publish is not None:
+                    await self._publish_region(ref, r, want, publish)
             finally:
                 self.regions_pending -= 1
                 self.stats.set("random_ahead_pending", self.regions_pending)
 
         self.nursery.start_soon(run)
+
+    async def _publish_region(self, ref: ObjectRef, r: int, fetched: list[int],
+                              publish: Publish) -> None:
+        """Hand the fetched blocks of region ``r`` to the kernel; those it does not take go
+        to the disk cache, as they would have without ``publish``."""
+        cid = ref.cache_id
+        blocks: dict[int, Buf] = {}
+        for x in fetched:
+            d = self._mem_get((cid, x))
+            if d is not None:
+                blocks[x] = d
+        if await publish(ref, blocks):
+            self.stats.add("random_ahead_to_kernel", len(blocks))
+            if (cid, r) in self.regions:
+                self.regions[(cid, r)] = True
+        elif blocks:
+            self._queue_cache_put(cid, blocks)
 
     def forget(self, ref: ObjectRef) -> None:
         cid = ref.cache_id
@@ -466,6 +502,7 @@ class Ctx:
     metadata: Callable[[Node], dict[str, str]]
     nursery: trio.Nursery | None = None
     stats: Stats = field(default_factory=Stats)
+    pages: KernelPages | None = None  # the kernel's page cache, once the FUSE session is up
 
 
 @dataclass
@@ -506,6 +543,9 @@ class FileData:
         self.upload: _Upload | None = None
         self.dirty = base is None  # a new file must be uploaded even if empty
         self.unlinked = False
+        # open handles writing, or reading past the page cache (O_DIRECT): while there is
+        # one, nothing fetched is handed to the kernel's page cache (see _publish)
+        self.page_blockers = 0
         self.lock = trio.Lock()
         self._part_slots = trio.Semaphore(PARTS_IN_FLIGHT)
         self._seq_next = 0
@@ -579,7 +619,8 @@ class FileData:
                 and end - off <= self.bs // 4):
             # a small random read: what it needs of a block we have, else fetch just around it
             # (and with random_readahead, the region around it in the background)
-            source.region_prefetch(self.base, first, (self.base_valid - 1) // self.bs)
+            source.region_prefetch(self.base, first, (self.base_valid - 1) // self.bs,
+                                   self._publish if self._pages_ok(self.base) else None)
             return await source.piece(self.base, off, end)
         if first == (end - 1) // self.bs and first not in self.local:
             # within one block of the object (the kernel's 1 MiB reads are one block each):
@@ -589,6 +630,24 @@ class FileData:
             start = off - first * self.bs
             return memoryview(block)[start:start + (end - off)]
         return await self._range(off, end)
+
+    def _pages_ok(self, ref: ObjectRef) -> bool:
+        """Whether the file's content is exactly object version ``ref``, with no handle that
+        writes or reads past the page cache: then its pages may be filled for the kernel."""
+        return (self.ctx.pages is not None and self.ctx.pages.enabled
+                and self.node.data is self and ref == self.base and not self.page_blockers
+                and not self.local and not self.dirty and self.upload is None
+                and self.size == self.base_valid == ref.size)
+
+    async def _publish(self, ref: ObjectRef, blocks: dict[int, Buf]) -> bool:
+        """Hand ``blocks`` of ``ref`` to the kernel's page cache if the file still is
+        exactly ``ref`` (checked again: a writer may have opened it since the fetch began),
+        so that reads of them no longer reach the daemon."""
+        if not blocks or not self._pages_ok(ref):
+            return False
+        assert self.ctx.pages is not None
+        return await self.ctx.pages.put(self.node.ino, [(b * self.bs, blocks[b])
+                                                        for b in sorted(blocks)])
 
     def _readahead(self, off: int, end: int) -> None:
         """Grow the window while reads stay sequential; prefetch base blocks ahead."""

@@ -138,6 +138,8 @@ class Filesystem(pyfuse3.Operations):
         self.handles: dict[int, Node] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.writers: set[int] = set()  # handles opened for writing
+        # handles that keep fetched data out of the kernel's page cache: writers, O_DIRECT
+        self.page_blockers: set[int] = set()
         self._next_fh = 1
         self._listed: OrderedDict[str, ListedOrder] = OrderedDict()  # by directory path
         self._heads: dict[str, trio.Event] = {}  # prefetch HEADs in flight, by path
@@ -425,6 +427,7 @@ class Filesystem(pyfuse3.Operations):
             data, temporary = await self._data_for(node)
             try:
                 await data.truncate(attr.st_size)
+                await self._settle_pages(node)  # no page of the old content may land after
                 node.attrs = a
                 if temporary:
                     await data.flush()
@@ -705,11 +708,13 @@ class Filesystem(pyfuse3.Operations):
         node = self.inodes.create(path, attrs, remote=False)
         node.fetched = time.monotonic()
         node.data = FileData(self.ctx, node, None)
+        node.data.page_blockers += 1
         node.open_count += 1
         node.lookups += 1
         self.inodes.listing_add(path, False)
         fh = self._fh(node)
         self.writers.add(fh)
+        self.page_blockers.add(fh)
         return pyfuse3.FileInfo(fh=fh), node.entry(self.ttl)
 
     @_fuse_errors
@@ -735,18 +740,35 @@ class Filesystem(pyfuse3.Operations):
                                          node.page_id == (node.etag, node.attrs.size))
         if node.data is None:
             node.data = FileData(self.ctx, node, self._base_ref(node))
+        data = node.data
         node.open_count += 1
+        blocks_pages = bool(writing or flags & os.O_DIRECT)
+        if blocks_pages:
+            data.page_blockers += 1
         try:
-            if flags & os.O_TRUNC and node.data.size:
-                await node.data.truncate(0)
+            if flags & os.O_TRUNC and data.size:
+                await data.truncate(0)
                 node.attrs.mtime_ns = node.attrs.ctime_ns = _now_ns()
+            # pages fetched for a reader and not yet in the kernel: none may land once this
+            # open has returned (over a writer's pages, or after the kernel dropped the old
+            # content), and no new ones start while it is open (FileData._pages_ok)
+            await self._settle_pages(node)
         except BaseException:
             node.open_count -= 1
+            if blocks_pages:
+                data.page_blockers -= 1
             raise
         fh = self._fh(node)
         if writing:
             self.writers.add(fh)
+        if blocks_pages:
+            self.page_blockers.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=bool(keep))
+
+    async def _settle_pages(self, node: Node) -> None:
+        """Wait until no fetched data is on its way into the kernel's pages of ``node``."""
+        if self.ctx.pages is not None:
+            await self.ctx.pages.settle(node.ino)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> Buf:
@@ -790,6 +812,10 @@ class Filesystem(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         node = self.handles.pop(fh)
         self.writers.discard(fh)
+        if fh in self.page_blockers:
+            self.page_blockers.discard(fh)
+            if node.data is not None:
+                node.data.page_blockers -= 1
         node.open_count -= 1
         if node.open_count == 0:
             await self._drop_data(node)

@@ -196,6 +196,112 @@ async def test_a_small_read_does_not_wait_for_a_block_get_under_way(rgw, bucket,
     assert store.stats.snapshot()["fragment_gets"] == 1
 
 
+def _file_for_pages(store: ObjectStore, source: Any, ref: Any, tmp_path: Path,
+                    pages: Any) -> Any:
+    """A FileData of ``ref`` as FS.open makes it, whose page-cache hand-offs go to ``pages``."""
+    import stat
+
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import Ctx, FileData
+    from s3ssefs.inodes import Node
+    from s3ssefs.meta import Attrs
+
+    ctx = Ctx(store=store, source=source, cipher=LocalCipher(), spill_dir=tmp_path,
+              block_size=MiB, part_size=8 * MiB, multipart_threshold=8 * MiB,
+              s3key=lambda p: p, write_key=lambda: ref.sse_key, metadata=lambda n: {},
+              stats=store.stats, pages=pages)
+    node = Node(ino=7, path=ref.s3key, attrs=Attrs(mode=stat.S_IFREG | 0o644, uid=0, gid=0,
+                                                   size=ref.size, mtime_ns=0, ctime_ns=0))
+    node.data = FileData(ctx, node, ref)
+    return node.data
+
+
+async def test_random_readahead_hands_regions_to_the_kernel_only_while_the_file_is_unchanged(
+        rgw, bucket, key, tmp_path) -> None:
+    """``random_readahead`` with the kernel's page cache: the region around a random read is
+    handed over whole, with the object's bytes, and kept out of the disk cache.  A writer
+    that opens while a region's GET is under way (FS.open counts it in ``page_blockers``)
+    stops that hand-off, and the region goes to the disk cache instead.  A read that reaches
+    the daemon in a region handed over, for a block memory no longer has, means the kernel
+    let the pages go: the region is fetched again (and only then)."""
+    import trio
+
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import BlockSource, ObjectRef
+    from s3ssefs.pages import KernelPages
+
+    store = make_store(rgw, bucket)
+    body = data(24 * MiB)
+    await store.put("regions.bin", body, key)
+    cache = BlockCache(tmp_path / "cache", 64 * MiB, LocalCipher())
+    source = BlockSource(store, cache, MiB, store.stats, random_ahead=8 * MiB)
+    ref = ObjectRef("regions.bin", "etag", len(body), key)
+    stored: list[tuple[int, int, bytes]] = []
+    f = _file_for_pages(store, source, ref, tmp_path,
+                        KernelPages(lambda ino, off, d: stored.append((ino, off, bytes(d)))))
+    cid = ref.cache_id
+
+    async with trio.open_nursery() as nursery:  # closing it waits for the region
+        source.nursery = nursery
+        assert bytes(await f.read(3 * MiB + 5, 4096)) == body[3 * MiB + 5:3 * MiB + 4101]
+    assert [(ino, off) for ino, off, _ in stored] == [(7, b * MiB) for b in range(8)]
+    assert b"".join(d for *_, d in stored) == body[:8 * MiB]
+    assert not [b for b in range(8) if (cid, b) in cache]
+
+    stored.clear()
+    async with trio.open_nursery() as nursery:
+        source.nursery = nursery
+        source.region_prefetch(ref, 9, 23, f._publish)  # as a read there would, then...
+        f.page_blockers += 1  # ...a writer opens before the region's GET has ended
+    assert stored == []
+    assert all((cid, b) in cache for b in range(8, 16))
+    f.page_blockers -= 1
+
+    fetched = store.stats.snapshot()["random_ahead_blocks"]
+    async with trio.open_nursery() as nursery:
+        source.nursery = nursery
+        source.region_prefetch(ref, 2, 23, f._publish)  # block 2 still in memory: a race
+        source.region_prefetch(ref, 12, 23, f._publish)  # region 1 is in the disk cache
+    assert store.stats.snapshot()["random_ahead_blocks"] == fetched
+    source.forget(ref)  # memory lets region 0 go; the read of block 2 reached us
+    async with trio.open_nursery() as nursery:
+        source.nursery = nursery
+        source.region_prefetch(ref, 2, 23, f._publish)
+    assert store.stats.snapshot()["random_ahead_blocks"] == fetched + 8
+    assert b"".join(d for *_, d in stored) == body[:8 * MiB]
+
+
+async def test_settling_an_inode_waits_for_its_page_cache_hand_offs(tmp_path) -> None:
+    """What must not meet a hand-off to the kernel's page cache (an open, a truncate) waits
+    for the ones in flight for that inode, and only for those."""
+    import threading
+
+    import trio
+    import trio.testing
+
+    from s3ssefs.pages import KernelPages
+
+    release = threading.Event()
+    pages = KernelPages(lambda ino, off, d: release.wait(30))
+    settled: list[int] = []
+
+    async def settle(ino: int) -> None:
+        await pages.settle(ino)
+        settled.append(ino)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pages.put, 7, [(0, b"x" * 4096)])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(settle, 7)
+            nursery.start_soon(settle, 8)
+            await trio.testing.wait_all_tasks_blocked()
+            assert settled == [8]
+            release.set()
+        assert settled == [8, 7]
+
+
 async def test_streaming_a_file_larger_than_the_cache_keeps_what_the_cache_held(
         rgw, bucket, key, tmp_path) -> None:
     """A sequential reader's readahead through an object larger than the whole cache does not

@@ -9,9 +9,11 @@ the key and carries the metadata s3fs-fuse writes (DESIGN §4–§6).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import io
+import mmap
 import os
 import random
 import re
@@ -23,6 +25,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -919,6 +922,38 @@ def test_random_reads_fetch_little_and_repeat_locally(mnt: Any, s3: Any, bucket:
     assert after["requests"].get("get", 0) == first["requests"].get("get", 0)
 
 
+def _regions_settled(m: Any) -> dict[str, Any]:
+    """A mount's stats once no ``random_readahead`` region fetch is pending, its hand-off to
+    the kernel included (a deadline, not a sleep)."""
+    deadline = time.monotonic() + 60
+    while True:
+        stats = mount_stats(m)
+        if stats.get("random_ahead_pending", 0) == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def _resident_pages(fd: int, offset: int, length: int) -> int:
+    """How many pages of ``[offset, offset + length)`` of the open file ``fd`` are in the
+    kernel's page cache (mincore of a mapping that is never touched)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    try:
+        vec = (ctypes.c_ubyte * (-(-length // mmap.PAGESIZE)))()
+        if libc.mincore(addr, length, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(v & 1 for v in vec)
+    finally:
+        libc.munmap(addr, length)
+
+
 def test_random_readahead_fetches_the_region_around_a_random_read(
         mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
     """With ``-o random_readahead=8M`` a random 4 KiB read that misses returns the right
@@ -929,16 +964,7 @@ def test_random_readahead_fetches_the_region_around_a_random_read(
     s3.put_object(Bucket=bucket, Key="dense.bin", Body=body, **sse(key))
     m = mount_factory(bucket, "-o", "random_readahead=8M")
     rng = random.Random(8)
-
-    def settled() -> dict[str, Any]:
-        """Stats once no region fetch is pending (a deadline, not a sleep)."""
-        deadline = time.monotonic() + 60
-        while True:
-            stats = mount_stats(m)
-            if stats.get("random_ahead_pending", 0) == 0 or time.monotonic() > deadline:
-                return stats
-            time.sleep(0.05)
-
+    settled = partial(_regions_settled, m)
     fd = os.open(m.path / "dense.bin", os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -960,6 +986,80 @@ def test_random_readahead_fetches_the_region_around_a_random_read(
         assert 8 * MiB <= last["bytes_down"] - again["bytes_down"] <= 8 * MiB + 128 * 1024
     finally:
         os.close(fd)
+
+
+def test_random_readahead_hands_the_region_to_the_page_cache(
+        mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
+    """The region fetched around a random read goes into the kernel's page cache, so the
+    reads that follow there are answered by the kernel without reaching the daemon (the
+    pages are resident before anyone reads them); nothing else is put there.  Pages the
+    kernel lets go are read back correctly, from the daemon's memory, with no new GET."""
+    region = 8 * MiB
+    body = pattern(4 * region, seed=13)
+    s3.put_object(Bucket=bucket, Key="shuffle.bin", Body=body, **sse(key))
+    m = mount_factory(bucket, "-o", "random_readahead=8M")
+    fd = os.open(m.path / "shuffle.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert _resident_pages(fd, 0, len(body)) == 0
+        off = region + 3 * MiB + 4096  # in region 1
+        assert os.pread(fd, 4096, off) == body[off:off + 4096]
+        stats = _regions_settled(m)
+        assert stats.get("random_ahead_pending", 0) == 0, "region fetch still pending after 60 s"
+        assert stats.get("random_ahead_to_kernel") == region // MiB, stats
+        assert _resident_pages(fd, region, region) == region // mmap.PAGESIZE
+        assert _resident_pages(fd, 2 * region, 2 * region) == 0  # regions 2, 3: never read
+        rng = random.Random(5)
+        for _ in range(40):
+            off = rng.randrange(region, 2 * region - 4096)
+            assert os.pread(fd, 4096, off) == body[off:off + 4096], off
+        # the kernel lets the pages go: reads come to the daemon again, which still has them
+        os.posix_fadvise(fd, region, region, os.POSIX_FADV_DONTNEED)
+        assert _resident_pages(fd, region, region) == 0
+        for _ in range(40):
+            off = rng.randrange(region, 2 * region - 4096)
+            assert os.pread(fd, 4096, off) == body[off:off + 4096], off
+        assert mount_stats(m)["requests"]["get"] == stats["requests"]["get"]
+    finally:
+        os.close(fd)
+
+
+def test_a_file_open_for_writing_gets_no_region_in_the_page_cache(
+        mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
+    """While a file is open for writing, a region fetched around a random read is not put
+    into the kernel's page cache (older content there could outlive a write): it goes to the
+    disk cache, and what is written is read back next to it and uploaded.  (A writer that
+    opens while the region is on its way: test_t2_store.)"""
+    region = 8 * MiB
+    body = pattern(2 * region, seed=14)
+    s3.put_object(Bucket=bucket, Key="live.bin", Body=body, **sse(key))
+    m = mount_factory(bucket, "-o", "random_readahead=8M")
+    new = pattern(4096, seed=15)
+    at = region + 5 * MiB
+    wfd = os.open(m.path / "live.bin", os.O_RDWR)
+    fd = os.open(m.path / "live.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        off = region + MiB + 100
+        assert os.pread(fd, 4096, off) == body[off:off + 4096]
+        stats = _regions_settled(m)
+        assert stats.get("random_ahead_pending", 0) == 0, "region fetch still pending after 60 s"
+        assert stats.get("random_ahead_blocks") == region // MiB
+        assert stats.get("random_ahead_to_kernel", 0) == 0
+        assert _resident_pages(fd, region + 2 * MiB, 6 * MiB) == 0
+        assert stats["cache_bytes"] >= region
+        assert os.pwrite(wfd, new, at) == len(new)
+        rng = random.Random(6)
+        for _ in range(20):
+            off = rng.randrange(region, 2 * region - 4096)
+            want = (body[:at] + new + body[at + len(new):])[off:off + 4096]
+            assert os.pread(fd, 4096, off) == want, off
+        assert os.pread(fd, 4096, at) == new
+    finally:
+        os.close(fd)
+        os.close(wfd)
+    got = s3.get_object(Bucket=bucket, Key="live.bin", **sse(key))["Body"].read()
+    assert got == body[:at] + new + body[at + len(new):]
 
 
 def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
