@@ -7,8 +7,8 @@ go was read from the encrypted disk cache: a thread hop, a disk read and a decry
 4 KiB read.  Handing the fetched region to the kernel instead makes those reads page-cache
 hits that never reach us, and the region need not be sealed and written to disk at all.
 2,000 random 4 KiB reads of a 1 GiB file (``random_readahead=8M``, bluestore RGW on this
-machine) went from 315–383 to 533–556 a second, on a third less daemon CPU; the disk
-writes had also stalled single reads for up to a second.
+machine, medians of 5 interleaved runs) went from 382 to 582 a second, on a quarter less
+daemon CPU; the disk writes had also stalled single reads for up to a second.
 
 The store is a write to ``/dev/fuse`` in which the kernel locks each page it fills.  A page
 is also locked while the kernel waits for our answer to a read of it, and answers come from
