@@ -371,6 +371,47 @@ async def test_streaming_a_file_larger_than_the_cache_keeps_what_the_cache_held(
     assert not [b for b in range(2) if (r_once.cache_id, b) in cache]
 
 
+async def test_a_sequential_reader_leaves_no_block_it_has_read_in_memory(
+        rgw, bucket, key, tmp_path) -> None:
+    """Blocks a sequential reader has had to their end are in the kernel's page cache: the
+    memory LRU lets them go (SERVED_LAG blocks behind the reader), and keeps what readahead
+    fetched ahead of it (every block fetched exactly once).  A block read only in part, or
+    read out of sequence, stays."""
+    import trio
+
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import SERVED_LAG, BlockSource, ObjectRef
+
+    store = make_store(rgw, bucket)
+    n = SERVED_LAG + 8
+    body = data(n * MiB + 100)
+    await store.put("seq.bin", body, key)
+    cache = BlockCache(tmp_path / "cache", 64 * MiB, LocalCipher())
+    source = BlockSource(store, cache, MiB, store.stats)
+    ref = ObjectRef("seq.bin", "etag", len(body), key)
+    cid = ref.cache_id
+    misses = store.stats.snapshot().get("cache_misses", 0)
+    async with trio.open_nursery() as nursery:
+        source.nursery = nursery
+        f = _file_for_pages(store, source, ref, tmp_path, None)
+        got = [bytes(await f.read(0, MiB // 2))]  # half a block: kept
+        got.append(bytes(await f.read(MiB // 2, MiB // 2)))
+        for b in range(1, n + 1):
+            got.append(bytes(await f.read(b * MiB, MiB)))
+            in_mem = {x for x in range(b + 1) if (cid, x) in source.mem}
+            assert in_mem == set(range(max(0, b - SERVED_LAG + 1), b + 1))
+        assert b"".join(got) == body
+        assert store.stats.snapshot()["cache_misses"] - misses == n + 1  # none fetched twice
+
+        g = _file_for_pages(store, source, ref, tmp_path, None)  # reads out of sequence
+        for b in (2, 0):
+            assert bytes(await g.read(b * MiB, MiB)) == body[b * MiB:(b + 1) * MiB]
+        assert (cid, 2) in source.mem and (cid, 0) in source.mem
+        nursery.cancel_scope.cancel()
+    source.nursery = None
+
+
 # --- multipart -------------------------------------------------------------------------------
 
 
