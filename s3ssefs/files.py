@@ -434,7 +434,7 @@ class BlockSource:
 
     def drop(self, ref: ObjectRef, b: int) -> None:
         """Let memory go of block ``b`` (a sequential reader is done with it, see
-        :meth:`FileData.read`)."""
+        :meth:`FileData._served`)."""
         data = self.mem.pop((ref.cache_id, b), None)
         if data is not None:
             self.mem_bytes -= len(data)
@@ -672,7 +672,7 @@ class FileData:
         again, so keeping it would only duplicate those pages; memory is for the blocks
         readahead fetched ahead of the reader.  Dropped, the blocks a 1 GiB read passes
         through reuse a few readahead windows' worth of memory instead of filling the whole
-        LRU with freshly faulted pages: a cold read made a quarter of the page faults, on 9%
+        LRU with freshly faulted pages: a cold read made a quarter of the page faults, on 7%
         less daemon CPU.  The lag is for a readahead task started before this read but not
         yet run: it would find the block gone and fetch it again."""
         assert self.base is not None
