@@ -1007,7 +1007,9 @@ def test_random_readahead_hands_the_region_to_the_page_cache(
         stats = _regions_settled(m)
         assert stats.get("random_ahead_pending", 0) == 0, "region fetch still pending after 60 s"
         assert stats.get("random_ahead_to_kernel") == region // MiB, stats
-        assert _resident_pages(fd, region, region) == region // mmap.PAGESIZE
+        # all of it, less the odd page a busy kernel lets go (without the hand-off, only the
+        # page read would be there)
+        assert _resident_pages(fd, region, region) >= 0.95 * region // mmap.PAGESIZE
         assert _resident_pages(fd, 2 * region, 2 * region) == 0  # regions 2, 3: never read
         rng = random.Random(5)
         for _ in range(40):
