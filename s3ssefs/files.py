@@ -649,8 +649,9 @@ class FileData:
                 and end - off <= self.bs // 4):
             # a small random read: what it needs of a block we have, else fetch just around it
             # (and with random_readahead, the region around it in the background)
-            source.region_prefetch(self.base, first, (self.base_valid - 1) // self.bs,
-                                   self._publish if self._pages_ok(self.base) else None)
+            if source.region:  # the page-cache check only when there is a region to fetch
+                source.region_prefetch(self.base, first, (self.base_valid - 1) // self.bs,
+                                       self._publish if self._pages_ok(self.base) else None)
             return await source.piece(self.base, off, end)
         if first == (end - 1) // self.bs and first not in self.local:
             # within one block of the object (the kernel's 1 MiB reads are one block each):
