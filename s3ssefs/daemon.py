@@ -33,11 +33,12 @@ import pyfuse3
 import trio
 
 from s3ssefs import workers
+from s3ssefs.blocks import BlockSource
 from s3ssefs.cache import BlockCache
 from s3ssefs.config import MountConfig
 from s3ssefs.crypto import LocalCipher
 from s3ssefs.errors import FsError, MountError
-from s3ssefs.files import BlockSource, Ctx
+from s3ssefs.files import Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import KeyFile

@@ -25,9 +25,10 @@ import pyfuse3
 import trio
 
 from s3ssefs.aio import gather
+from s3ssefs.blocks import Buf, ObjectRef
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
-from s3ssefs.files import Buf, Ctx, FileData, ObjectRef
+from s3ssefs.files import Ctx, FileData
 from s3ssefs.inodes import ROOT, InodeTable, Node, check_name, join
 from s3ssefs.keyring import KeyRing
 from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for

@@ -1,6 +1,6 @@
 """How many streaming GETs run at once: few when the server is near, more when it is far.
 
-A streaming GET (a readahead run of up to 8 MiB, see :mod:`s3ssefs.files`) costs the daemon
+A streaming GET (a readahead run of up to 8 MiB, see :mod:`s3ssefs.blocks`) costs the daemon
 CPU for every byte: its worker thread takes the GIL back for each 16 KiB TLS record, and a
 block bound for the disk cache is sealed and written.  Against a server near enough to answer
 in a millisecond or two, as RGW on this machine's loopback, the cores are the limit and more

@@ -516,11 +516,11 @@ async def test_slow_cache_disk_bounds_what_waits_to_be_cached(
     queued is cached once the disk moves."""
     import trio
 
-    from s3ssefs import files as files_mod
-    from s3ssefs.files import BlockSource, ObjectRef
+    from s3ssefs import blocks as blocks_mod
+    from s3ssefs.blocks import BlockSource, ObjectRef
     from s3ssefs.stats import Stats
 
-    monkeypatch.setattr(files_mod, "CACHE_BACKLOG", 10 << 20)
+    monkeypatch.setattr(blocks_mod, "CACHE_BACKLOG", 10 << 20)
     cache = BlockCache(tmp_path, 64 << 20, LocalCipher())
     disk = threading.Event()
     real_put = cache.put

@@ -135,9 +135,9 @@ async def test_small_reads_of_cached_blocks_read_the_cache_not_s3(rgw, bucket, k
     import trio
 
     from s3ssefs import cache as cache_mod
+    from s3ssefs.blocks import BlockSource, ObjectRef
     from s3ssefs.cache import BlockCache
     from s3ssefs.crypto import LocalCipher
-    from s3ssefs.files import BlockSource, ObjectRef
 
     store = make_store(rgw, bucket)
     size = 3 * MiB + 777
@@ -178,9 +178,9 @@ async def test_a_small_read_does_not_wait_for_a_block_get_under_way(rgw, bucket,
     its own short fragment GET, with the right bytes, instead of waiting for that GET."""
     import trio
 
+    from s3ssefs.blocks import BlockSource, ObjectRef
     from s3ssefs.cache import BlockCache
     from s3ssefs.crypto import LocalCipher
-    from s3ssefs.files import BlockSource, ObjectRef
 
     store = make_store(rgw, bucket)
     body = data(2 * MiB)
@@ -226,9 +226,9 @@ async def test_random_readahead_hands_regions_to_the_kernel_only_while_the_file_
     let the pages go: the region is fetched again (and only then)."""
     import trio
 
+    from s3ssefs.blocks import BlockSource, ObjectRef
     from s3ssefs.cache import BlockCache
     from s3ssefs.crypto import LocalCipher
-    from s3ssefs.files import BlockSource, ObjectRef
     from s3ssefs.pages import KernelPages
 
     store = make_store(rgw, bucket)
@@ -313,9 +313,9 @@ async def test_streaming_a_file_larger_than_the_cache_keeps_what_the_cache_held(
     import trio
     import trio.testing
 
+    from s3ssefs.blocks import BlockSource, ObjectRef
     from s3ssefs.cache import BlockCache
     from s3ssefs.crypto import LocalCipher
-    from s3ssefs.files import BlockSource, ObjectRef
 
     store = make_store(rgw, bucket)
     small, big, fits = data(MiB + 5), data(6 * MiB), data(2 * MiB)
@@ -379,9 +379,10 @@ async def test_a_sequential_reader_leaves_no_block_it_has_read_in_memory(
     read out of sequence, stays."""
     import trio
 
+    from s3ssefs.blocks import BlockSource, ObjectRef
     from s3ssefs.cache import BlockCache
     from s3ssefs.crypto import LocalCipher
-    from s3ssefs.files import SERVED_LAG, BlockSource, ObjectRef
+    from s3ssefs.files import SERVED_LAG
 
     store = make_store(rgw, bucket)
     n = SERVED_LAG + 8
