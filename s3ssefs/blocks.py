@@ -61,7 +61,7 @@ SEEN_MAX = 1 << 20
 REGIONS_PENDING = 8
 Buf = bytes | bytearray | memoryview
 # hands fetched blocks {block number: content} of an object version to the kernel's page
-# cache for the file being read; whether they all went (see FileData._publish)
+# cache for the file being read; whether they all went (see s3ssefs.files.FileData._publish)
 Publish = Callable[["ObjectRef", dict[int, Buf]], Awaitable[bool]]
 
 
