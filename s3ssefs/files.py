@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 # tests/bench/farproxy.py); a near server reads as fast either way.
 READAHEAD_START = 4 << 20
 READAHEAD_MAX = 64 << 20
+# how far from the last read's end a read may start and still count as sequential (see
+# FileData._readahead): twice the largest read the kernel sends
+SEQ_SLACK = 2 << 20
 PARTS_IN_FLIGHT = 4
 # blocks a sequential reader has read whole that memory keeps before letting go (FileData._served)
 SERVED_LAG = 4
@@ -172,13 +175,15 @@ class FileData:
         return out
 
     async def _range(self, start: int, end: int) -> bytes:
+        """Bytes ``start..end`` of the file, copied once: slices of the blocks are joined,
+        not the whole blocks joined and then sliced."""
         if end <= start:
             return b""
         first, last = start // self.bs, (end - 1) // self.bs
-        blocks = await self._blocks(first, last)
-        buf = b"".join(blocks)
-        off = start - first * self.bs
-        return buf[off:off + (end - start)]
+        parts = [memoryview(b) for b in await self._blocks(first, last)]
+        parts[-1] = parts[-1][:end - last * self.bs]
+        parts[0] = parts[0][start - first * self.bs:]
+        return b"".join(parts)
 
     # ------------------------------------------------------------------ read
     async def read(self, off: int, size: int) -> Buf:
@@ -203,11 +208,26 @@ class FileData:
             # bytearray, which an exported view would stop from growing
             (block,) = await self._blocks(first, first)
             start = off - first * self.bs
-            if self._window and self.base is not None and start + (end - off) == len(block) \
-                    and end <= self.base_valid:
-                self._served(first)
-            return memoryview(block)[start:start + (end - off)]
-        return await self._range(off, end)
+            data: Buf = memoryview(block)[start:start + (end - off)]
+        else:
+            data = await self._range(off, end)
+        if self._window and self.base is not None and end <= self.base_valid:
+            self._passed(first, end)
+        return data
+
+    def _passed(self, first: int, end: int) -> None:
+        """A sequential read that began in block ``first`` ended at ``end``: the base blocks
+        it finished (read up to their end, or to the end of the object) are served.
+
+        The kernel's reads are usually whole blocks, but not always: with 8 readers at once,
+        one read in eight came 4 KiB off a block boundary (the kernel had read one page on
+        its own, as when a page readahead brought in was reclaimed before it was read), and
+        every read of that file after it spanned two blocks.  Marking only reads that end a
+        block would then keep every block of the file in memory until the LRU evicted it."""
+        done = end // self.bs if end < self.base_valid else (end - 1) // self.bs + 1
+        for b in range(first, done):
+            if b not in self.local:
+                self._served(b)
 
     def _served(self, b: int) -> None:
         """A sequential reader has had all of block ``b``: memory lets it go, SERVED_LAG
@@ -244,14 +264,21 @@ class FileData:
                                                         for b in sorted(blocks)])
 
     def _readahead(self, off: int, end: int) -> None:
-        """Grow the window while reads stay sequential; prefetch base blocks ahead."""
-        if off == self._seq_next:
+        """Grow the window while reads stay sequential; prefetch base blocks ahead.
+
+        A read that starts up to SEQ_SLACK away from where the last one ended still counts
+        as sequential once a window is open: the kernel sometimes reads one page on its own,
+        behind the stream or out of order with its readahead (seen with 8 readers at once),
+        and starting the window again from READAHEAD_START there cost the reader its GETs
+        in flight."""
+        if off == self._seq_next or (self._window and abs(off - self._seq_next) <= SEQ_SLACK):
             self._window = min(max(self._window * 2, max(1, READAHEAD_START // self.bs)),
                                max(1, READAHEAD_MAX // self.bs))
+            self._seq_next = max(self._seq_next, end)
         else:
             self._window = 0
             self._ahead_to = -1
-        self._seq_next = end
+            self._seq_next = end
         if not self._window or self.base is None:
             return
         cur = (end - 1) // self.bs

@@ -375,8 +375,8 @@ async def test_a_sequential_reader_leaves_no_block_it_has_read_in_memory(
         rgw, bucket, key, tmp_path) -> None:
     """Blocks a sequential reader has had to their end are in the kernel's page cache: the
     memory LRU lets them go (SERVED_LAG blocks behind the reader), and keeps what readahead
-    fetched ahead of it (every block fetched exactly once).  A block read only in part, or
-    read out of sequence, stays."""
+    fetched ahead of it (every block fetched exactly once), also when the reads do not start
+    at block boundaries.  A block read only in part, or read out of sequence, stays."""
     import trio
 
     from s3ssefs.blocks import BlockSource, ObjectRef
@@ -409,6 +409,24 @@ async def test_a_sequential_reader_leaves_no_block_it_has_read_in_memory(
         for b in (2, 0):
             assert bytes(await g.read(b * MiB, MiB)) == body[b * MiB:(b + 1) * MiB]
         assert (cid, 2) in source.mem and (cid, 0) in source.mem
+
+        # the kernel's reads 4 KiB off the block boundaries (it read one page on its own),
+        # each spanning two blocks, with that lone page read again behind the stream: the
+        # blocks passed still leave, and none is fetched twice
+        ref4 = ObjectRef("seq.bin", "etag4", len(body), key)
+        cid4 = ref4.cache_id
+        misses = store.stats.snapshot()["cache_misses"]
+        h = _file_for_pages(store, source, ref4, tmp_path, None)
+        got = [bytes(await h.read(0, 4096))]
+        for b in range(n - 1):
+            got.append(bytes(await h.read(b * MiB + 4096, MiB)))
+            if b == 3:
+                assert bytes(await h.read(3 * MiB, 4096)) == body[3 * MiB:3 * MiB + 4096]
+            in_mem = {x for x in range(b + 1) if (cid4, x) in source.mem}
+            assert in_mem == set(range(max(0, b - SERVED_LAG + 1), b + 1))
+        got.append(bytes(await h.read((n - 1) * MiB + 4096, 2 * MiB)))  # to the end
+        assert b"".join(got) == body
+        assert store.stats.snapshot()["cache_misses"] - misses == n + 1
         nursery.cancel_scope.cancel()
     source.nursery = None
 
