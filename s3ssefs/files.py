@@ -1,8 +1,9 @@
 """Open files: where every byte a program writes goes, and how its reads are driven.
 
 Reading: the blocks of the object a file was opened on come from :mod:`s3ssefs.blocks`.
-While a file is read sequentially its readahead window doubles (4 -> 64 MiB) and is topped
-up a GET's worth at a time; a small random read fetches only what it needs.
+While a file is read sequentially its readahead window doubles (4 -> 64 MiB; less when many
+files are read at once, which share half the memory LRU) and is topped up a GET's worth at a
+time; a small random read fetches only what it needs.
 
 Writing (:class:`FileData`): written blocks live in memory while they are being filled and in
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 # tests/bench/farproxy.py); a near server reads as fast either way.
 READAHEAD_START = 4 << 20
 READAHEAD_MAX = 64 << 20
-# how far from the last read's end a read may start and still count as sequential (see
+# how far behind the stream a read may start and still count as sequential (see
 # FileData._readahead): twice the largest read the kernel sends
 SEQ_SLACK = 2 << 20
 PARTS_IN_FLIGHT = 4
@@ -241,6 +242,7 @@ class FileData:
         less daemon CPU.  The lag is for a readahead task started before this read but not
         yet run: it would find the block gone and fetch it again."""
         assert self.base is not None
+        self.ctx.source.demote(self.base, b)
         self._served_blocks.append(b)
         if len(self._served_blocks) > SERVED_LAG:
             self.ctx.source.drop(self.base, self._served_blocks.popleft())
@@ -266,16 +268,25 @@ class FileData:
     def _readahead(self, off: int, end: int) -> None:
         """Grow the window while reads stay sequential; prefetch base blocks ahead.
 
-        A read that starts up to SEQ_SLACK away from where the last one ended still counts
+        A read that starts up to SEQ_SLACK behind where the stream has got to still counts
         as sequential once a window is open: the kernel sometimes reads one page on its own,
-        behind the stream or out of order with its readahead (seen with 8 readers at once),
-        and starting the window again from READAHEAD_START there cost the reader its GETs
-        in flight."""
-        if off == self._seq_next or (self._window and abs(off - self._seq_next) <= SEQ_SLACK):
-            self._window = min(max(self._window * 2, max(1, READAHEAD_START // self.bs)),
-                               max(1, READAHEAD_MAX // self.bs))
+        out of order with its readahead (seen with 8 readers at once), and starting the
+        window again from READAHEAD_START there cost the reader its GETs in flight.  A read
+        that skips ahead does not: a reader that skips parts of a file should not fetch
+        them."""
+        source = self.ctx.source
+        if off == self._seq_next or (
+                self._window and self._seq_next - SEQ_SLACK <= off < self._seq_next):
+            most = max(1, READAHEAD_MAX // self.bs)
+            if self.base is not None and self._ahead_to < (self.base_valid - 1) // self.bs:
+                most = source.window_cap(self, most)
+            else:
+                source.stream_ended(self)  # nothing left to fetch ahead
+            self._window = min(max(self._window * 2, max(1, READAHEAD_START // self.bs)), most)
             self._seq_next = max(self._seq_next, end)
         else:
+            if self._window:
+                source.stream_ended(self)
             self._window = 0
             self._ahead_to = -1
             self._seq_next = end
@@ -564,6 +575,7 @@ class FileData:
                                 version_id=info.version_id)
 
     async def close(self) -> None:
+        self.ctx.source.stream_ended(self)
         await self._abort_upload()
         if self.spill is not None:
             self.spill.close()

@@ -431,6 +431,50 @@ async def test_a_sequential_reader_leaves_no_block_it_has_read_in_memory(
     source.nursery = None
 
 
+async def test_many_sequential_readers_share_the_memory_and_fetch_each_block_once(
+        rgw, bucket, key, tmp_path) -> None:
+    """Files read in sequence at once share half the memory LRU for their readahead: with
+    each file's own window (up to 64 MiB), four readers of 16 MiB files would fetch 64 MiB
+    ahead into a 16 MiB LRU, which let blocks go before they were read and fetched them
+    again.  Here every block is fetched once, and a reader that closes gives its share back."""
+    import trio
+    import trio.testing
+
+    from s3ssefs.blocks import BlockSource, ObjectRef
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+
+    store = make_store(rgw, bucket)
+    n_files, n_blocks = 4, 16
+    bodies = [data(n_blocks * MiB) for _ in range(n_files)]
+    for i, body in enumerate(bodies):
+        await store.put(f"many/{i}.bin", body, key)
+    cache = BlockCache(tmp_path / "cache", 64 * MiB, LocalCipher())
+    source = BlockSource(store, cache, MiB, store.stats, mem_bytes=16 * MiB)
+    refs = [ObjectRef(f"many/{i}.bin", f"e{i}", n_blocks * MiB, key) for i in range(n_files)]
+    misses = store.stats.snapshot().get("cache_misses", 0)
+    async with trio.open_nursery() as nursery:
+        source.nursery = nursery
+        files = [_file_for_pages(store, source, r, tmp_path, None) for r in refs]
+        got: list[list[bytes]] = [[] for _ in refs]
+        for b in range(n_blocks):
+            for i, f in enumerate(files):
+                got[i].append(bytes(await f.read(b * MiB, MiB)))
+                await trio.testing.wait_all_tasks_blocked()  # let readahead run ahead
+            if b == 1:
+                assert len(source.streaming) == n_files
+        assert [b"".join(g) for g in got] == bodies
+        assert store.stats.snapshot()["cache_misses"] - misses == n_files * n_blocks
+
+        g = _file_for_pages(store, source, refs[0], tmp_path, None)
+        await g.read(0, MiB)
+        assert g in source.streaming
+        await g.close()
+        assert g not in source.streaming
+        nursery.cancel_scope.cancel()
+    source.nursery = None
+
+
 # --- multipart -------------------------------------------------------------------------------
 
 
