@@ -9,11 +9,12 @@ Writing (:class:`FileData`): written blocks live in memory while they are being 
 the encrypted :class:`~s3ssefs.spill.Spill` after that, so nothing acknowledged depends on
 memory alone and no plaintext touches the disk.  A file above ``multipart_threshold`` becomes a
 multipart upload whose parts are sent in the background as soon as the writer has filled them
-(at most ``PARTS_IN_FLIGHT`` at once, which is also the writer's back-pressure), so close()
-waits only for the tail.  A part rewritten after it was sent is sent again at flush.  Parts the
-program never touched in an existing object are copied server-side (UploadPartCopy), so a
-small change in a large file uploads only the parts it changed.  flush/fsync return when S3
-has the data; if the upload fails they raise EIO and everything stays dirty for the next try.
+(at most ``PARTS_IN_FLIGHT`` at once per file and ``PARTS_TOTAL`` per mount, which is also the
+writers' back-pressure), so close() waits only for the tail.  A part rewritten after it was
+sent is sent again at flush.  Parts the program never touched in an existing object are
+copied server-side (UploadPartCopy), so a small change in a large file uploads only the parts
+it changed.  flush/fsync return when S3 has the data; if the upload fails they raise EIO and
+everything stays dirty for the next try.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ READAHEAD_MAX = 64 << 20
 # FileData._readahead): twice the largest read the kernel sends
 SEQ_SLACK = 2 << 20
 PARTS_IN_FLIGHT = 4
+# parts being sent at once across the mount, each held in memory until S3 has it (see
+# FileData._start_part): 16 writers at once held 1.2 GB with only the per-file bound
+PARTS_TOTAL = 8
 # blocks a sequential reader has read whole that memory keeps before letting go (FileData._served)
 SERVED_LAG = 4
 
@@ -80,6 +84,8 @@ class Ctx:
     nursery: trio.Nursery | None = None
     stats: Stats = field(default_factory=Stats)
     pages: KernelPages | None = None  # the kernel's page cache, once the FUSE session is up
+    # parts being sent by all files (PARTS_TOTAL); each file also has its own PARTS_IN_FLIGHT
+    part_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(PARTS_TOTAL))
 
 
 @dataclass
@@ -422,11 +428,21 @@ class FileData:
         return self.upload
 
     async def _start_part(self, p: int, gen: int) -> None:
+        """Send part ``p`` in the background once this file has fewer than PARTS_IN_FLIGHT
+        parts and the mount fewer than PARTS_TOTAL on their way; the writer waits until
+        then, which is its back-pressure.  A part is copied out of the blocks to be sent, so
+        each slot is a part's worth of memory."""
         await self._part_slots.acquire()
+        try:
+            await self.ctx.part_slots.acquire()
+        except BaseException:
+            self._part_slots.release()
+            raise
         try:
             data = await self._range(p * self.ps, min((p + 1) * self.ps, self.size))
             up = await self._ensure_upload()
         except BaseException:
+            self.ctx.part_slots.release()
             self._part_slots.release()
             raise
         done = trio.Event()
@@ -444,6 +460,7 @@ class FileData:
                 up.error = FsError(errno.EIO, f"part {p + 1}: {type(e).__name__}")
             finally:
                 up.running.pop(p, None)
+                self.ctx.part_slots.release()
                 self._part_slots.release()
                 done.set()
 
@@ -512,9 +529,10 @@ class FileData:
                     if e.errno not in (errno.EACCES, errno.ENOTSUP, errno.EINVAL):
                         raise
                     log.debug("part copy refused (%s); uploading part %d", e, p + 1)
-            data = await self._range(start, end)
-            etags[p] = await self.ctx.store.upload_part(s3key, up.upload_id, p + 1, data,
-                                                        key)
+            async with self.ctx.part_slots:
+                data = await self._range(start, end)
+                etags[p] = await self.ctx.store.upload_part(s3key, up.upload_id, p + 1, data,
+                                                            key)
             up.sent[p] = (etags[p], gen)
 
         await gather((partial(part, p) for p in range(nparts)), limit=PARTS_IN_FLIGHT)

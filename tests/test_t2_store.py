@@ -495,6 +495,70 @@ async def test_multipart_upload_reads_back_whole(rgw, bucket, s3, key) -> None:
     assert_keyless_get_fails(s3, bucket, "big.bin")
 
 
+async def test_files_written_at_once_send_a_bounded_number_of_parts(rgw, bucket, key,
+                                                                     tmp_path) -> None:
+    """Each part on its way to S3 is held in memory, so the parts sent at once are bounded
+    per mount (Ctx.part_slots), not only per file: four files written at once, with room for
+    two parts in the mount, never have more than two uploads under way, and every file
+    arrives whole."""
+    import stat
+
+    import trio
+    import trio.testing
+
+    from s3ssefs.blocks import BlockSource
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import Ctx, FileData
+    from s3ssefs.inodes import Node
+    from s3ssefs.meta import Attrs
+
+    store = make_store(rgw, bucket)
+    source = BlockSource(store, BlockCache(tmp_path / "cache", 64 * MiB, LocalCipher()), MiB,
+                         store.stats)
+    ctx = Ctx(store=store, source=source, cipher=LocalCipher(), spill_dir=tmp_path,
+              block_size=MiB, part_size=5 * MiB, multipart_threshold=5 * MiB,
+              s3key=lambda p: p, write_key=lambda: key, metadata=lambda n: {},
+              stats=store.stats, part_slots=trio.Semaphore(2))
+    under_way, most = 0, 0
+    real_upload_part = store.upload_part
+
+    async def upload_part(*args: Any, **kw: Any) -> str:
+        nonlocal under_way, most
+        under_way += 1
+        most = max(most, under_way)
+        try:
+            # every writer goes as far as it can before this part is sent
+            await trio.testing.wait_all_tasks_blocked()
+            return await real_upload_part(*args, **kw)
+        finally:
+            under_way -= 1
+
+    store.upload_part = upload_part  # type: ignore[method-assign]
+    bodies = {f"w/{i}.bin": data(11 * MiB) for i in range(4)}  # 2 whole parts and a tail
+
+    async def write(path: str, body: bytes) -> None:
+        node = Node(ino=10, path=path, attrs=Attrs(mode=stat.S_IFREG | 0o644, uid=0, gid=0,
+                                                   size=0, mtime_ns=0, ctime_ns=0))
+        f = FileData(ctx, node, None)
+        node.data = f
+        for off in range(0, len(body), MiB):
+            await f.write(off, body[off:off + MiB])
+        await f.flush()
+        await f.close()
+
+    async with trio.open_nursery() as nursery:
+        ctx.nursery = source.nursery = nursery
+        async with trio.open_nursery() as writers:
+            for path, body in bodies.items():
+                writers.start_soon(write, path, body)
+        nursery.cancel_scope.cancel()
+    source.nursery = None
+    assert most == 2
+    for path, body in bodies.items():
+        assert sha(await read_all(store, path, key, len(body))) == sha(body)
+
+
 # --- copy ------------------------------------------------------------------------------------
 
 
