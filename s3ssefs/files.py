@@ -96,6 +96,10 @@ class _Upload:
     meta: dict[str, str]  # what it was created with (no times: see _upload_meta)
     sent: dict[int, tuple[str, int]] = field(default_factory=dict)  # part → (etag, gen)
     running: dict[int, trio.Event] = field(default_factory=dict)
+    # part → (gen, bytes) of each part on its way: the copy reads come from once its blocks
+    # have left memory unspilled (FileData._let_go)
+    bufs: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    tried: int = -1  # the highest part ever sent or tried: the server may hold it
     error: FsError | None = None
 
 
@@ -104,6 +108,14 @@ def _upload_meta(meta: dict[str, str]) -> dict[str, str]:
     mtime/ctime, which are not known yet; S3's LastModified (the completion, about close()
     time) stands in for them, as s3fs also reads it."""
     return {k: v for k, v in meta.items() if k not in (MTIME, CTIME)}
+
+
+class _SentOnly(FsError):
+    """A block whose only copy is a part already sent was wanted (see FileData._let_go);
+    the caller completes the upload early and tries again.  An EIO if it ever escapes."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__(errno.EIO, f"block {block} is only in a part already sent")
 
 
 class FileData:
@@ -135,6 +147,15 @@ class FileData:
         self._served_blocks: deque[int] = deque()  # see _served
         self._window = 0
         self._ahead_to = -1
+        # a file written from empty, every write at its end (cp, dd, a download): the blocks
+        # of its parts after the first need no spill copy once their part is on its way
+        # (see _let_go): block → part while that part's upload runs, and the blocks whose
+        # only copy is a part S3 has
+        self._appending = self.size == 0 and self.base_valid == 0
+        self.in_part: dict[int, int] = {}
+        self.sent_only: set[int] = set()
+        # (key, SSE-C key) of an upload completed early, if any (see _complete_early)
+        self._interim: tuple[str, Key | None] | None = None
 
     # ------------------------------------------------------------------ block contents
     def _extent(self, b: int) -> int:
@@ -145,6 +166,12 @@ class FileData:
         data = self.mem.get(b)
         if data is not None:
             return data
+        p = self.in_part.get(b)
+        if p is not None and self.upload is not None and p in self.upload.bufs:
+            at = b * self.bs - p * self.ps
+            return memoryview(self.upload.bufs[p][1])[at:at + self.bs]
+        if b in self.sent_only:
+            raise _SentOnly(b)
         spill = self.spill
         assert spill is not None
         try:
@@ -194,6 +221,14 @@ class FileData:
 
     # ------------------------------------------------------------------ read
     async def read(self, off: int, size: int) -> Buf:
+        while True:
+            try:
+                return await self._read(off, size)
+            except _SentOnly:  # written here, and now only in a part S3 has
+                async with self.lock:
+                    await self._complete_early()
+
+    async def _read(self, off: int, size: int) -> Buf:
         end = min(off + size, self.size)
         if end <= off:
             return b""
@@ -316,6 +351,8 @@ class FileData:
         async with self.lock:
             n = len(data)
             end = off + n
+            if off != self.size:
+                self._appending = False  # see _let_go
             pos = off
             view = memoryview(data)
             while pos < end:
@@ -332,7 +369,7 @@ class FileData:
                     blk = self.mem.get(b)
                     if not isinstance(blk, bytearray):
                         if blk is None:
-                            blk = (await self._blocks(b, b))[0] if b * self.bs < self.size \
+                            blk = await self._block_locked(b) if b * self.bs < self.size \
                                 else b""
                         blk = bytearray(blk)
                         self.mem[b] = blk
@@ -340,6 +377,8 @@ class FileData:
                     if len(blk) < s:
                         blk.extend(bytes(s - len(blk)))
                     blk[s:e] = chunk
+                self.in_part.pop(b, None)
+                self.sent_only.discard(b)
                 self.local.add(b)
                 p = b * self.bs // self.ps
                 self.part_gen[p] = self.part_gen.get(p, 0) + 1
@@ -350,14 +389,53 @@ class FileData:
             await self._stream_parts(end)
         return n
 
+    async def _block_locked(self, b: int) -> Buf:
+        """Block ``b``'s content, with the file's lock held."""
+        try:
+            return (await self._blocks(b, b))[0]
+        except _SentOnly:
+            await self._complete_early()
+            return (await self._blocks(b, b))[0]
+
     async def _evict_mem(self, keep: int | None = None) -> None:
-        """Move blocks beyond the in-memory budget to the encrypted spill."""
+        """Move blocks beyond the in-memory budget to the encrypted spill (unless their
+        part keeps them: :meth:`_let_go`)."""
         keep = self.mem_max if keep is None else keep
         while len(self.mem) > keep:
             b, blk = self.mem.popitem(last=False)
-            await self._spill_write(b, blk)
+            if self._let_go(b):
+                self.ctx.stats.add("spill_skipped")
+            else:
+                await self._spill_write(b, blk)
+
+    def _let_go(self, b: int) -> bool:
+        """Whether block ``b``, leaving memory, can do without a copy in the spill.
+
+        For a file written from empty, every write at its end (cp, dd, a download), the parts
+        after the first go to S3 straight from memory: a block whose part is on its way is
+        read from that part's buffer meanwhile, and once S3 has the part, the part is its
+        copy.  Sealing and writing every block to the spill as well cost a 1 GiB write 30%
+        of the daemon's CPU.  The spill is for what S3 does not have yet: blocks of parts not
+        sent, of a part whose upload failed (put back in memory, then spilled), and of the
+        first part, which a program that patches a header at the end rewrites (re-sent from
+        the spill at close).  If a block whose only copy is a sent part is wanted after all
+        (read back, partly rewritten, or the upload must start over), S3 has no way to read a
+        part before the upload is completed: :meth:`_complete_early`."""
+        p = b * self.bs // self.ps
+        up = self.upload
+        if not self._appending or p == 0 or up is None:
+            return False
+        gen = self.part_gen.get(p)
+        if p in up.bufs and up.bufs[p][0] == gen:
+            self.in_part[b] = p
+            return True
+        if up.sent.get(p, ("", -1))[1] == gen:
+            self.sent_only.add(b)
+            return True
+        return False
 
     async def _spill_write(self, b: int, blk: Buf) -> None:
+        self.ctx.stats.add("spill_blocks")
         if self.spill is None:
             self.spill = Spill(self.ctx.spill_dir, self.ctx.cipher, self.bs)
         spill = self.spill
@@ -373,6 +451,12 @@ class FileData:
             await self._wait_parts()
             if new_size < self.size:
                 nb = math.ceil(new_size / self.bs)
+                if any(b < nb for b in self.sent_only):
+                    await self._complete_early()
+                self.sent_only.clear()  # all of them cut off
+                # parts S3 holds now hold bytes cut off: start again (and _complete_early
+                # never meets a part of bytes since cut)
+                await self._abort_upload()
                 for b in [b for b in self.local if b >= nb]:
                     self.local.discard(b)
                     self.mem.pop(b, None)
@@ -380,7 +464,7 @@ class FileData:
                     await workers.run_sync(self.spill.drop_from, nb)
                 if new_size % self.bs:
                     b = new_size // self.bs
-                    blk = (await self._blocks(b, b))[0]
+                    blk = await self._block_locked(b)
                     self.mem[b] = bytearray(blk[:new_size - b * self.bs])
                     self.local.add(b)
                 self.base_valid = min(self.base_valid, new_size)
@@ -394,6 +478,7 @@ class FileData:
                 self.part_gen[p] = self.part_gen.get(p, 0) + 1
             self.size = new_size
             self.dirty = True
+            self._appending = new_size == 0 and self.base_valid == 0
 
     # ------------------------------------------------------------------ streaming parts
     async def _stream_parts(self, written_to: int) -> None:
@@ -411,8 +496,8 @@ class FileData:
             if up is not None and (up.sent.get(p, ("", -1))[1] == gen or p in up.running):
                 continue
             first, last = p * self.ps // self.bs, ((p + 1) * self.ps - 1) // self.bs
-            if any(b not in self.local for b in range(first, last + 1)):
-                continue  # part mixes old data: copied or assembled at flush
+            if any(b not in self.local or b in self.sent_only for b in range(first, last + 1)):
+                continue  # part mixes old data or data only S3 has: see flush
             await self._start_part(p, gen)
 
     async def _ensure_upload(self) -> _Upload:
@@ -447,12 +532,16 @@ class FileData:
             raise
         done = trio.Event()
         up.running[p] = done
+        up.bufs[p] = (gen, data)
+        up.tried = max(up.tried, p)
 
         async def send() -> None:
+            sent = False
             try:
                 etag = await self.ctx.store.upload_part(up.s3key, up.upload_id, p + 1, data,
                                                         up.sse_key)
                 up.sent[p] = (etag, gen)
+                sent = True
             except FsError as e:
                 up.error = e
             except Exception as e:  # kept for flush to report as EIO; the mount lives on
@@ -460,12 +549,89 @@ class FileData:
                 up.error = FsError(errno.EIO, f"part {p + 1}: {type(e).__name__}")
             finally:
                 up.running.pop(p, None)
+                up.bufs.pop(p, None)
+                self._part_settled(up, p, gen, data, sent)
                 self.ctx.part_slots.release()
                 self._part_slots.release()
                 done.set()
 
         assert self.ctx.nursery is not None
         self.ctx.nursery.start_soon(send)
+
+    def _part_settled(self, up: _Upload, p: int, gen: int, data: bytes, sent: bool) -> None:
+        """Part ``p``'s upload has ended: the blocks that left memory while it ran now have S3's
+        part as their copy, or, if it failed or was rewritten meanwhile, go back to memory
+        (and from there to the spill as the writer goes on: nothing acknowledged is lost)."""
+        moved = [b for b, q in self.in_part.items() if q == p]
+        for b in moved:
+            del self.in_part[b]
+            if sent and self.part_gen.get(p) == gen and self.upload is up:
+                self.sent_only.add(b)
+            else:
+                at = b * self.bs - p * self.ps
+                self.mem[b] = memoryview(data)[at:at + self.bs]
+
+    async def _complete_early(self) -> None:
+        """Make the blocks whose only copy is a part already sent readable again (with the
+        file's lock held).
+
+        S3 cannot read a part before its upload is completed, so the upload is completed
+        with the parts so far: the object at the key holds the file's first parts, and
+        becomes the file's base, read and copied from as any object is.  RGW completes an
+        upload only with every part it holds, so each part up to the highest ever tried that
+        S3 does not have for sure (never sent, or its upload failed: then all of it is
+        here) is sent first.  close() replaces that object with the whole file; if the file
+        has been renamed or unlinked meanwhile, it is deleted.  Only a file read back or
+        rewritten where it was already sent, while it is still being written, pays this."""
+        await self._wait_parts()
+        if not self.sent_only:
+            return
+        if self.upload is not None:  # (else completed before, and the HEAD below failed)
+            await self._complete_so_far(self.upload)
+        assert self._interim is not None
+        s3key, key = self._interim
+        info = await self.ctx.store.head(s3key, key)
+        if self.base is not None:
+            self.ctx.source.forget(self.base)
+        self.base = ObjectRef(s3key, info.etag, info.size, key, info.version_id)
+        self.base_valid = min(info.size, self.size)
+        self.local -= self.sent_only
+        self.sent_only.clear()
+
+    async def _complete_so_far(self, up: _Upload) -> None:
+        """Complete ``up`` with every part S3 may hold (see :meth:`_complete_early`)."""
+        etags = []
+        for q in range(max([up.tried, *up.sent]) + 1):
+            sent = up.sent.get(q)
+            if sent is None:
+                async with self.ctx.part_slots:
+                    body = await self._range(q * self.ps, min((q + 1) * self.ps, self.size))
+                    sent = (await self.ctx.store.upload_part(up.s3key, up.upload_id, q + 1,
+                                                             body, up.sse_key),
+                            self.part_gen.get(q, 0))
+                up.sent[q] = sent
+            etags.append((q + 1, sent[0]))
+        log.info("%s is read back or rewritten where it was already sent while it is being "
+                 "written: its upload is completed with the parts so far, until close",
+                 up.s3key)
+        await self.ctx.store.complete_multipart(up.s3key, up.upload_id, etags, up.sse_key)
+        self.ctx.stats.add("uploads_completed_early")
+        self.upload = None
+        self._appending = False
+        self._interim = (up.s3key, up.sse_key)
+
+    async def _drop_interim(self, keep: str | None) -> None:
+        """Delete the object an early completion left (:meth:`_complete_early`) unless it is
+        at ``keep``, where the file's own object has replaced it."""
+        interim, self._interim = self._interim, None
+        if interim is None or interim[0] == keep:
+            return
+        try:
+            await self.ctx.store.delete(interim[0])
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("could not delete s3://%s/%s, left by an upload completed early: "
+                            "%s", self.ctx.store.bucket, interim[0], e)
 
     async def _wait_parts(self) -> None:
         up = self.upload
@@ -484,6 +650,8 @@ class FileData:
             s3key = self.ctx.s3key(self.node.path)
             key = self.ctx.write_key()
             meta = self.ctx.metadata(self.node)
+            if self.sent_only and not self._completes_as_is(s3key):
+                await self._complete_early()
             if self.upload is not None and (self.upload.s3key != s3key
                                             or self.size <= self.ctx.multipart_threshold):
                 await self._abort_upload()
@@ -493,6 +661,16 @@ class FileData:
                 body = await self._range(0, self.size)
                 info = await self.ctx.store.put(s3key, body, key, meta)
             self._uploaded(s3key, info, key)
+            await self._drop_interim(s3key)
+
+    def _completes_as_is(self, s3key: str) -> bool:
+        """Whether the upload under way can be completed without the blocks only S3 has:
+        same key, still multipart, and every part holding such blocks sent as it stands."""
+        up = self.upload
+        return (up is not None and up.s3key == s3key
+                and self.size > self.ctx.multipart_threshold
+                and all(up.sent.get(p, ("", -1))[1] == self.part_gen.get(p)
+                        for p in {b * self.bs // self.ps for b in self.sent_only}))
 
     async def _abort_upload(self) -> None:
         up, self.upload = self.upload, None
@@ -516,6 +694,7 @@ class FileData:
             if sent is not None and sent[1] == gen:
                 etags[p] = sent[0]
                 return
+            up.tried = max(up.tried, p)
             first, last = start // self.bs, (end - 1) // self.bs
             clean = all(b not in self.local for b in range(first, last + 1))
             if clean and self.base is not None and end <= self.base_valid:
@@ -554,6 +733,9 @@ class FileData:
         self.base_valid = self.size
         self.mem.clear()
         self.local.clear()
+        self.in_part.clear()
+        self.sent_only.clear()
+        self._appending = self.size == 0
         self.part_gen.clear()
         if self.spill is not None:
             self.spill.close()
@@ -573,6 +755,8 @@ class FileData:
         so the open handles keep reading the same bytes."""
         async with self.lock:
             await self._wait_parts()
+            if self.sent_only:
+                await self._complete_early()
             if self.base is not None:
                 for b in range(math.ceil(min(self.base_valid, self.size) / self.bs)):
                     if b not in self.local:
@@ -583,6 +767,7 @@ class FileData:
             self.base = None
             self.base_valid = 0
             await self._abort_upload()
+            await self._drop_interim(None)  # the file's object is going: so does that one
             self.unlinked = True
 
     def renamed(self, info: ObjectInfo | None) -> None:
@@ -599,3 +784,5 @@ class FileData:
             self.spill.close()
             self.spill = None
         self.mem.clear()
+        self.in_part.clear()
+        self.sent_only.clear()

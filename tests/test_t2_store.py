@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import assert_no_key_material
+from conftest import assert_no_key_material, sse
 
 from s3ssefs.config import ConfigError, MountConfig
 from s3ssefs.errors import FsError
@@ -557,6 +557,172 @@ async def test_files_written_at_once_send_a_bounded_number_of_parts(rgw, bucket,
     assert most == 2
     for path, body in bodies.items():
         assert sha(await read_all(store, path, key, len(body))) == sha(body)
+
+
+def _writer(store: ObjectStore, key: Key, tmp_path: Path, path: str) -> Any:
+    """A FileData of a new file as FS.create makes it (1 MiB blocks, 5 MiB parts, so a part
+    is 5 blocks and memory holds 7), with the mount's block source."""
+    import stat
+
+    from s3ssefs.blocks import BlockSource
+    from s3ssefs.cache import BlockCache
+    from s3ssefs.crypto import LocalCipher
+    from s3ssefs.files import Ctx, FileData
+    from s3ssefs.inodes import Node
+    from s3ssefs.meta import Attrs
+
+    source = BlockSource(store, BlockCache(tmp_path / "cache", 64 * MiB, LocalCipher()), MiB,
+                         store.stats)
+    ctx = Ctx(store=store, source=source, cipher=LocalCipher(), spill_dir=tmp_path,
+              block_size=MiB, part_size=5 * MiB, multipart_threshold=5 * MiB,
+              s3key=lambda p: p, write_key=lambda: key, metadata=lambda n: {},
+              stats=store.stats)
+    node = Node(ino=11, path=path, attrs=Attrs(mode=stat.S_IFREG | 0o644, uid=0, gid=0,
+                                                size=0, mtime_ns=0, ctime_ns=0))
+    node.data = FileData(ctx, node, None)
+    return node.data
+
+
+async def _write_in_order(f: Any, body: bytes) -> None:
+    for off in range(0, len(body), MiB):
+        await f.write(off, body[off:off + MiB])
+
+
+def _keys(s3: Any, bucket: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+async def test_a_file_written_in_order_goes_to_s3_without_the_spill(rgw, bucket, s3, key,
+                                                                     tmp_path) -> None:
+    """The parts of a file written from empty in order go to S3 straight from memory: of
+    its blocks, only the first part's are sealed into the spill (a program that patches a
+    header rewrites them); the others need no copy once their part is on its way.  The
+    file reads back whole while it is written and arrives whole."""
+    import trio
+
+    store = make_store(rgw, bucket)
+    body = data(23 * MiB)  # 4 whole parts and a tail
+    f = _writer(store, key, tmp_path, "stream.bin")
+    async with trio.open_nursery() as nursery:
+        f.ctx.nursery = f.ctx.source.nursery = nursery
+        await _write_in_order(f, body)
+        for off in (MiB + 7, 7 * MiB + 3, 22 * MiB):  # spill, a part, memory
+            assert bytes(await f.read(off, 4096)) == body[off:off + 4096]
+        await f.flush()
+        await f.close()
+        nursery.cancel_scope.cancel()
+    stats = store.stats.snapshot()
+    # of the 16 blocks that left memory (it keeps 7), the first part's 5 went to the spill
+    assert (stats.get("spill_blocks", 0), stats.get("spill_skipped", 0)) == (5, 11), stats
+    assert stats.get("uploads_completed_early", 0) == 0
+    assert sha(await read_all(store, "stream.bin", key, len(body))) == sha(body)
+    assert _keys(s3, bucket) == ["stream.bin"]
+
+
+async def test_reading_back_what_only_s3_has_completes_the_upload_so_far(
+        rgw, bucket, s3, key, tmp_path) -> None:
+    """A block whose only copy is a part S3 has (written in order, sent, let go of) is read
+    back and then partly rewritten while the file is still being written: S3 cannot read a
+    part before its upload is completed, so the upload is completed with the parts so far,
+    which the file then reads and copies from.  Nothing is lost and the file arrives whole,
+    under its own key only."""
+    import trio
+
+    store = make_store(rgw, bucket)
+    body = bytearray(data(23 * MiB))
+    f = _writer(store, key, tmp_path, "back.bin")
+    async with trio.open_nursery() as nursery:
+        f.ctx.nursery = f.ctx.source.nursery = nursery
+        await _write_in_order(f, body[:17 * MiB])
+        await f._wait_parts()
+        assert f.sent_only == set(range(5, 10))  # part 1's; memory holds blocks 10-16
+        off = 6 * MiB + 100
+        assert bytes(await f.read(off, 4096)) == body[off:off + 4096]
+        assert store.stats.snapshot()["uploads_completed_early"] == 1
+        head = s3.head_object(Bucket=bucket, Key="back.bin", **sse(key))
+        assert head["ContentLength"] == 15 * MiB  # the 3 parts sent, until close
+        patch = data(3000)
+        await f.write(8 * MiB + 5, patch)  # into a block the early object holds
+        body[8 * MiB + 5:8 * MiB + 5 + len(patch)] = patch
+        await _write_in_order_from(f, body, 17 * MiB)
+        await f.flush()
+        await f.close()
+        nursery.cancel_scope.cancel()
+    assert sha(await read_all(store, "back.bin", key, len(body))) == sha(bytes(body))
+    assert _keys(s3, bucket) == ["back.bin"]
+
+
+async def _write_in_order_from(f: Any, body: bytes | bytearray, start: int) -> None:
+    for off in range(start, len(body), MiB):
+        await f.write(off, bytes(body[off:off + MiB]))
+
+
+async def test_a_file_renamed_truncated_or_unlinked_after_parts_were_sent_loses_nothing(
+        rgw, bucket, s3, key, tmp_path) -> None:
+    """The upload cannot go on as it is when the file is renamed (another key), cut short,
+    or unlinked while open: the parts S3 has are completed early, the file keeps its
+    content, and no object is left behind under the old name."""
+    import trio
+
+    store = make_store(rgw, bucket)
+    body = data(17 * MiB)
+    for name in ("ren", "cut", "gone"):
+        (tmp_path / name).mkdir()
+    files = {name: _writer(store, key, tmp_path / name, name) for name in ("ren", "cut", "gone")}
+    async with trio.open_nursery() as nursery:
+        for f in files.values():
+            f.ctx.nursery = f.ctx.source.nursery = nursery
+            await _write_in_order(f, body)
+            await f._wait_parts()
+            assert f.sent_only
+        ren, cut, gone = files["ren"], files["cut"], files["gone"]
+        ren.node.path = "renamed"  # FS.rename moves the node, then uploads under the new key
+        await ren.flush()
+        await cut.truncate(8 * MiB + 100)
+        await cut.flush()
+        await gone.detach_from_object()  # FS.unlink; the open handle still reads it all
+        assert bytes(await gone.read(6 * MiB, 2 * MiB)) == body[6 * MiB:8 * MiB]
+        assert bytes(await gone.read(16 * MiB, MiB)) == body[16 * MiB:]
+        for f in files.values():
+            await f.close()
+        nursery.cancel_scope.cancel()
+    assert store.stats.snapshot()["uploads_completed_early"] == 3
+    assert sorted(_keys(s3, bucket)) == ["cut", "renamed"]
+    assert sha(await read_all(store, "renamed", key, len(body))) == sha(body)
+    assert sha(await read_all(store, "cut", key, 8 * MiB + 100)) == sha(body[:8 * MiB + 100])
+
+
+async def test_blocks_of_a_part_whose_upload_failed_are_kept(rgw, bucket, s3, key,
+                                                              tmp_path) -> None:
+    """A part fails on its way after its blocks have left memory unspilled: they go back to
+    memory, and close sends the part again from them."""
+    import trio
+
+    store = make_store(rgw, bucket)
+    body = data(23 * MiB)
+    f = _writer(store, key, tmp_path, "flaky.bin")
+    real_upload_part = store.upload_part
+    failed: list[list[int]] = []
+    written = trio.Event()
+
+    async def upload_part(s3key: str, upload_id: str, number: int, *a: Any, **kw: Any) -> str:
+        if number == 2 and not failed:
+            await written.wait()
+            failed.append(sorted(f.in_part))
+            raise FsError(errno.EIO, "injected")
+        return await real_upload_part(s3key, upload_id, number, *a, **kw)
+
+    store.upload_part = upload_part  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        f.ctx.nursery = f.ctx.source.nursery = nursery
+        await _write_in_order(f, body)
+        written.set()
+        await f.flush()
+        await f.close()
+        nursery.cancel_scope.cancel()
+    # part 2's blocks were only in its buffer when it failed
+    assert len(failed) == 1 and set(range(5, 10)) <= set(failed[0])
+    assert sha(await read_all(store, "flaky.bin", key, len(body))) == sha(body)
 
 
 # --- copy ------------------------------------------------------------------------------------

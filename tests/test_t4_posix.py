@@ -890,6 +890,54 @@ def test_chmod_while_a_large_file_is_written(mnt: Any, s3: Any, bucket: str, key
     assert sha_file(mnt.path / "growing.bin") == sha(data)
 
 
+def test_a_file_copied_in_goes_to_s3_from_memory_and_reads_back_while_written(
+        mnt: Any, s3: Any, bucket: str, key: Key) -> None:
+    """A file written in order (cp, dd, a download) goes to S3 part by part straight from
+    memory: of its blocks, only the first part's are sealed into the spill.  A file read
+    back while it is being written, where only S3 has it and the kernel's pages are gone,
+    returns what was written (the upload so far is completed to read it), and both arrive
+    whole."""
+    from s3ssefs.daemon import control
+
+    first = pattern(4 * PS, seed=41)
+    before = mount_stats(mnt)
+    with open(mnt.path / "copied.bin", "wb") as h:
+        for off in range(0, len(first), MiB):
+            h.write(first[off:off + MiB])
+    after = mount_stats(mnt)
+    spilled = after.get("spill_blocks", 0) - before.get("spill_blocks", 0)
+    assert spilled <= PS // BS, f"{spilled} blocks of a file written in order spilled"
+    assert sha(s3.get_object(Bucket=bucket, Key="copied.bin", **sse(key))["Body"].read()) \
+        == sha(first)
+
+    second = pattern(4 * PS + 5, seed=42)
+    fd = os.open(mnt.path / "reread.bin", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        for off in range(0, 3 * PS + 4 * BS, MiB):
+            os.pwrite(fd, second[off:off + MiB], off)
+        # a part still on its way is read from its buffer: wait until S3 has the first
+        # three (asking in-process: a child process would close the file, and so flush it)
+        deadline = time.monotonic() + 60
+        while (control(mnt.path, "stats")["requests"].get("upload_part", 0)
+               - after["requests"].get("upload_part", 0) < 3 and time.monotonic() < deadline):
+            time.sleep(0.05)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        # the second part (only S3 has it), the first (spilled), the third, and the last
+        # blocks written (in memory)
+        for off in (PS + 4 * BS + 17, 10, 2 * PS + BS + 3, 3 * PS + 2 * BS):
+            assert os.pread(fd, 8192, off) == second[off:off + 8192], off
+        stats = control(mnt.path, "stats")
+        assert stats.get("uploads_completed_early", 0) == 1, stats
+        assert stats["requests"]["complete_multipart"] \
+            == after["requests"]["complete_multipart"] + 1
+        for off in range(3 * PS + 4 * BS, len(second), MiB):
+            os.pwrite(fd, second[off:off + MiB], off)
+    finally:
+        os.close(fd)
+    assert sha(s3.get_object(Bucket=bucket, Key="reread.bin", **sse(key))["Body"].read()) \
+        == sha(second)
+
+
 # --- random reads ----------------------------------------------------------------------------
 
 
