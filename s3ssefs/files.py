@@ -603,14 +603,9 @@ class FileData:
         etags = []
         for q in range(max([up.tried, *up.sent]) + 1):
             sent = up.sent.get(q)
-            if sent is None:
-                async with self.ctx.part_slots:
-                    body = await self._range(q * self.ps, min((q + 1) * self.ps, self.size))
-                    sent = (await self.ctx.store.upload_part(up.s3key, up.upload_id, q + 1,
-                                                             body, up.sse_key),
-                            self.part_gen.get(q, 0))
-                up.sent[q] = sent
-            etags.append((q + 1, sent[0]))
+            etag = sent[0] if sent is not None else \
+                await self._send_part(up, q, self.part_gen.get(q, 0), up.sse_key)
+            etags.append((q + 1, etag))
         log.info("%s is read back or rewritten where it was already sent while it is being "
                  "written: its upload is completed with the parts so far, until close",
                  up.s3key)
@@ -619,6 +614,15 @@ class FileData:
         self.upload = None
         self._appending = False
         self._interim = (up.s3key, up.sse_key)
+
+    async def _send_part(self, up: _Upload, p: int, gen: int, key: Key | None) -> str:
+        """Send part ``p`` of the file's content now (in one of the mount's part slots) and
+        record it as sent at generation ``gen``; its ETag."""
+        async with self.ctx.part_slots:
+            data = await self._range(p * self.ps, min((p + 1) * self.ps, self.size))
+            etag = await self.ctx.store.upload_part(up.s3key, up.upload_id, p + 1, data, key)
+        up.sent[p] = (etag, gen)
+        return etag
 
     async def _drop_interim(self, keep: str | None) -> None:
         """Delete the object an early completion left (:meth:`_complete_early`) unless it is
@@ -708,11 +712,7 @@ class FileData:
                     if e.errno not in (errno.EACCES, errno.ENOTSUP, errno.EINVAL):
                         raise
                     log.debug("part copy refused (%s); uploading part %d", e, p + 1)
-            async with self.ctx.part_slots:
-                data = await self._range(start, end)
-                etags[p] = await self.ctx.store.upload_part(s3key, up.upload_id, p + 1, data,
-                                                            key)
-            up.sent[p] = (etags[p], gen)
+            etags[p] = await self._send_part(up, p, gen, key)
 
         await gather((partial(part, p) for p in range(nparts)), limit=PARTS_IN_FLIGHT)
         info = await self.ctx.store.complete_multipart(
