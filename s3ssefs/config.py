@@ -248,6 +248,13 @@ class MountConfig:
             raise ConfigError("part_size must be at least 5M (the S3 minimum part size)")
         if self.block_size < 4096 or self.block_size & (self.block_size - 1):
             raise ConfigError("block_size must be a power of two of at least 4096")
+        if self.part_size % self.block_size:
+            # an open file tracks what it rewrote per part by block (files.FileData): a block
+            # across two parts would leave the second one's sent copy stale
+            up = -(-self.part_size // self.block_size) * self.block_size
+            hint = f"{up >> 20}M" if up % (1 << 20) == 0 else f"{up >> 10}K"
+            raise ConfigError(f"part_size ({self.part_size}) must be a multiple of block_size "
+                              f"({self.block_size}): try part_size={hint}")
         if self.multipart_threshold < 1:
             raise ConfigError("multipart_threshold must be positive")
         if self.ca_bundle is not None and not self.ca_bundle.is_file():

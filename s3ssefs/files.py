@@ -87,6 +87,12 @@ class Ctx:
     # parts being sent by all files (PARTS_TOTAL); each file also has its own PARTS_IN_FLIGHT
     part_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(PARTS_TOTAL))
 
+    def __post_init__(self) -> None:
+        # what a write changed is tracked per part by block (FileData.part_gen): a block
+        # across two parts would leave the second part's sent copy stale
+        if self.part_size % self.block_size:
+            raise ValueError("part_size must be a multiple of block_size")
+
 
 @dataclass
 class _Upload:

@@ -299,6 +299,12 @@ def test_mount_refusals(mount_factory: Any, bucket: str, tmp_path: Path, key: Ke
     assert "bogus" in refuse_mount(m, [*m.argv(), "-o", "bogus=1"])
     assert "bogus" in refuse_mount(m, [*m.argv(), "-o", "ro,bogus"])
 
+    # parts that are not whole blocks: a rewrite of a block across two parts would be lost
+    m = mount_factory(bucket, mount=False)
+    line = refuse_mount(m, [*m.argv(), "-o", "block_size=4M,part_size=6M"])
+    assert "part_size (6291456) must be a multiple of block_size" in line
+    assert "part_size=8M" in line
+
 
 # ====================================================================== umount
 def test_umount_flushes(mnt: Mounted, bucket: str, s3: Any, key: Key) -> None:
