@@ -37,6 +37,7 @@ from s3ssefs.aio import gather
 from s3ssefs.blocks import BlockSource, Buf, ObjectRef
 from s3ssefs.crypto import CorruptBlock, LocalCipher
 from s3ssefs.errors import FsError
+from s3ssefs.http1 import Pieces
 from s3ssefs.keys import Key
 from s3ssefs.meta import CTIME, MTIME
 from s3ssefs.pages import KernelPages
@@ -102,9 +103,9 @@ class _Upload:
     meta: dict[str, str]  # what it was created with (no times: see _upload_meta)
     sent: dict[int, tuple[str, int]] = field(default_factory=dict)  # part → (etag, gen)
     running: dict[int, trio.Event] = field(default_factory=dict)
-    # part → (gen, bytes) of each part on its way: the copy reads come from once its blocks
+    # part → (gen, blocks) of each part on its way: where reads find its blocks once they
     # have left memory unspilled (FileData._let_go)
-    bufs: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    bufs: dict[int, tuple[int, Pieces]] = field(default_factory=dict)
     tried: int = -1  # the highest part ever sent or tried: the server may hold it
     error: FsError | None = None
 
@@ -174,8 +175,7 @@ class FileData:
             return data
         p = self.in_part.get(b)
         if p is not None and self.upload is not None and p in self.upload.bufs:
-            at = b * self.bs - p * self.ps
-            return memoryview(self.upload.bufs[p][1])[at:at + self.bs]
+            return self.upload.bufs[p][1].bufs[b - p * self.ps // self.bs]
         if b in self.sent_only:
             raise _SentOnly(b)
         spill = self.spill
@@ -224,6 +224,23 @@ class FileData:
         parts[-1] = parts[-1][:end - last * self.bs]
         parts[0] = parts[0][start - first * self.bs:]
         return b"".join(parts)
+
+    async def _pieces(self, start: int, end: int) -> Pieces:
+        """Bytes ``start..end`` of the file (``start`` at a block's start, ``end`` at one or
+        at the end of the file) as the blocks that hold them, to be sent as they are: a
+        part or a small file's body, with no copy.  A block being written in place (a
+        ``bytearray``) is frozen: memory keeps a read-only view of it instead, so a later
+        write to it copies it first and never changes what is on its way."""
+        if end <= start:
+            return Pieces([])
+        first = start // self.bs
+        blocks = await self._blocks(first, (end - 1) // self.bs)
+        for i, blk in enumerate(blocks):
+            if isinstance(blk, bytearray):
+                blocks[i] = frozen = memoryview(blk).toreadonly()
+                if self.mem.get(first + i) is blk:
+                    self.mem[first + i] = frozen
+        return Pieces(blocks)
 
     # ------------------------------------------------------------------ read
     async def read(self, off: int, size: int) -> Buf:
@@ -521,8 +538,8 @@ class FileData:
     async def _start_part(self, p: int, gen: int) -> None:
         """Send part ``p`` in the background once this file has fewer than PARTS_IN_FLIGHT
         parts and the mount fewer than PARTS_TOTAL on their way; the writer waits until
-        then, which is its back-pressure.  A part is copied out of the blocks to be sent, so
-        each slot is a part's worth of memory."""
+        then, which is its back-pressure.  A part is sent as its blocks (:meth:`_pieces`),
+        which it keeps until S3 has it, so each slot is up to a part's worth of memory."""
         await self._part_slots.acquire()
         try:
             await self.ctx.part_slots.acquire()
@@ -530,7 +547,7 @@ class FileData:
             self._part_slots.release()
             raise
         try:
-            data = await self._range(p * self.ps, min((p + 1) * self.ps, self.size))
+            data = await self._pieces(p * self.ps, min((p + 1) * self.ps, self.size))
             up = await self._ensure_upload()
         except BaseException:
             self.ctx.part_slots.release()
@@ -564,7 +581,7 @@ class FileData:
         assert self.ctx.nursery is not None
         self.ctx.nursery.start_soon(send)
 
-    def _part_settled(self, up: _Upload, p: int, gen: int, data: bytes, sent: bool) -> None:
+    def _part_settled(self, up: _Upload, p: int, gen: int, data: Pieces, sent: bool) -> None:
         """Part ``p``'s upload has ended: the blocks that left memory while it ran now have S3's
         part as their copy, or, if it failed or was rewritten meanwhile, go back to memory
         (and from there to the spill as the writer goes on: nothing acknowledged is lost)."""
@@ -574,8 +591,7 @@ class FileData:
             if sent and self.part_gen.get(p) == gen and self.upload is up:
                 self.sent_only.add(b)
             else:
-                at = b * self.bs - p * self.ps
-                self.mem[b] = memoryview(data)[at:at + self.bs]
+                self.mem[b] = data.bufs[b - p * self.ps // self.bs]
 
     async def _complete_early(self) -> None:
         """Make the blocks whose only copy is a part already sent readable again (with the
@@ -625,7 +641,7 @@ class FileData:
         """Send part ``p`` of the file's content now (in one of the mount's part slots) and
         record it as sent at generation ``gen``; its ETag."""
         async with self.ctx.part_slots:
-            data = await self._range(p * self.ps, min((p + 1) * self.ps, self.size))
+            data = await self._pieces(p * self.ps, min((p + 1) * self.ps, self.size))
             etag = await self.ctx.store.upload_part(up.s3key, up.upload_id, p + 1, data, key)
         up.sent[p] = (etag, gen)
         return etag
@@ -668,7 +684,7 @@ class FileData:
             if self.size > self.ctx.multipart_threshold:
                 info = await self._finish_multipart(s3key, key, meta)
             else:
-                body = await self._range(0, self.size)
+                body = await self._pieces(0, self.size)
                 info = await self.ctx.store.put(s3key, body, key, meta)
             self._uploaded(s3key, info, key)
             await self._drop_interim(s3key)

@@ -45,6 +45,37 @@ ANSWERS_KEPT = 256  # answer times kept for fastest_answer(): of small answers..
 _SMALL_ANSWER = 64 << 10  # ...(a HEAD, a LIST page, a random read's fragment)...
 _QUIET = 2  # ...to requests sent with at most this many in flight, themselves included
 
+
+
+class Pieces:
+    """A request body made of several buffers, sent one after another as they are.
+
+    A multipart part is the file's blocks: joining them into one ``bytes`` first cost a copy
+    of every byte written, into a part's worth of freshly faulted pages, and held each block
+    twice while its part was on its way.  The buffers must not change until the request is
+    answered (the store may send them again on a retry)."""
+
+    __slots__ = ("bufs", "size")
+
+    def __init__(self, bufs: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.bufs = list(bufs)
+        self.size = sum(len(b) for b in self.bufs)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.bufs)
+
+
+Body = bytes | bytearray | memoryview | Pieces
+
+
+def body_pieces(body: Body) -> list[bytes | bytearray | memoryview]:
+    """The buffers ``body`` is sent as."""
+    return body.bufs if isinstance(body, Pieces) else [body]
+
+
 _resize = ctypes.pythonapi.PyByteArray_Resize
 _resize.argtypes = [ctypes.py_object, ctypes.c_ssize_t]
 _resize.restype = ctypes.c_int
@@ -190,7 +221,7 @@ class Pool:
 
     # ------------------------------------------------------------------ requests
     def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
-                body: bytes | bytearray | memoryview = b"",
+                body: Body = b"",
                 before_send: Callable[[], None] | None = None) -> Response:
         """Send one request and read its whole answer.  ``before_send`` runs before each
         sending, the one retry too, and may raise to stop it (a call given up on)."""
@@ -223,15 +254,16 @@ class Pool:
             raise ConnectionLost(f"{type(e).__name__}: {e}") from e
 
     def _exchange(self, conn: _Conn, method: str, head: bytes,
-                  body: bytes | bytearray | memoryview, timed: bool = False) -> Response:
+                  body: Body, timed: bool = False) -> Response:
         try:
             try:
                 sent = time.monotonic()  # after the connection (and its handshake) is made
-                if len(body) <= _SMALL_BODY:
-                    conn.sock.sendall(head + body)  # one TLS record for a small request
+                if len(body) <= _SMALL_BODY:  # one TLS record for a small request
+                    conn.sock.sendall(head + b"".join(body_pieces(body)))
                 else:
                     conn.sock.sendall(head)
-                    conn.sock.sendall(body)
+                    for piece in body_pieces(body):
+                        conn.sock.sendall(piece)
                 status_line = conn.line()
                 answered = time.monotonic() - sent
             except (OSError, ConnectionLost) as e:

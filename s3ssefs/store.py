@@ -62,6 +62,7 @@ from s3ssefs import workers
 from s3ssefs.aio import gather
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
+from s3ssefs.http1 import Body, Pieces
 from s3ssefs.keys import SSE_ALGORITHM, Key, sse_c_headers, sse_c_params
 from s3ssefs.stats import Stats
 from s3ssefs.streams import stream_counts
@@ -180,6 +181,18 @@ def _refuse_abandoned(**_: Any) -> None:
     ev = getattr(_call_state, "abandoned", None)
     if ev is not None and ev.is_set():
         raise RequestAbandoned("the caller gave up on this request")
+
+
+def _joined(fn: Callable[..., T]) -> Callable[..., T]:
+    """A boto3 call whose ``Body`` may be :class:`~s3ssefs.http1.Pieces`: boto3 takes one
+    buffer, so the pieces are joined, but only when boto3 sends it (a retry, or no lean
+    path)."""
+    def call(**kw: Any) -> T:
+        body = kw.get("Body")
+        if isinstance(body, Pieces):
+            kw["Body"] = bytes(body)
+        return fn(**kw)
+    return call
 
 
 def _version_query(version_id: str | None) -> str:
@@ -614,7 +627,7 @@ class ObjectStore:
             raise FsError(errno.EIO, f"{what}: {problem}; refusing to leave plaintext in the "
                           "bucket")
 
-    async def put(self, key: str, body: bytes, sse_key: Key | None,
+    async def put(self, key: str, body: Body, sse_key: Key | None,
                   metadata: dict[str, str] | None = None,
                   content_type: str | None = None) -> ObjectInfo:
         what = self._what("PUT", key)
@@ -630,7 +643,7 @@ class ObjectStore:
                 headers["Content-Type"] = content_type
             lean = partial(self.wire.put_object, key, {**headers, **sse_c_headers(sse_key)},
                            body)
-        r = await self._guarded("put", what, self.client.put_object, lean, **kw)
+        r = await self._guarded("put", what, _joined(self.client.put_object), lean, **kw)
         self.stats.request("put_bytes", up=len(body))
         try:
             self._check_echo(r, sse_key, what)
@@ -658,14 +671,14 @@ class ObjectStore:
             raise
         return upload_id
 
-    async def upload_part(self, key: str, upload_id: str, part_no: int, body: bytes,
+    async def upload_part(self, key: str, upload_id: str, part_no: int, body: Body,
                           sse_key: Key | None) -> str:
         what = self._what(f"UploadPart {part_no}", key)
         lean = None
         if self.wire is not None:
             lean = partial(self.wire.upload_part, key, upload_id, part_no,
                            sse_c_headers(sse_key), body)
-        r = await self._guarded("upload_part", what, self.client.upload_part, lean,
+        r = await self._guarded("upload_part", what, _joined(self.client.upload_part), lean,
                                 Bucket=self.bucket, Key=key, UploadId=upload_id,
                                 PartNumber=part_no, Body=body, **sse_c_params(sse_key))
         self.stats.request("part_bytes", up=len(body))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from s3ssefs.http1 import ConnectionLost, Pool
+from s3ssefs.http1 import ConnectionLost, Pieces, Pool
 
 # what the server does for (connection number, request number on it): bytes to send, then
 # keep the connection open; or (bytes, True) to close after sending them
@@ -119,6 +119,20 @@ def test_bodies_come_whole_over_one_kept_alive_connection(serve) -> None:
     assert [h.split(b"\r\n")[0] for _, h in server.requests] == [
         b"GET /b/k1 HTTP/1.1", b"PUT /b/k2 HTTP/1.1", b"HEAD /b/k3 HTTP/1.1"]
     assert server.bodies[1] == b"data"
+
+
+def test_a_body_in_pieces_arrives_as_one(serve) -> None:
+    """A part is sent as its blocks, unjoined (:class:`~s3ssefs.http1.Pieces`): the server
+    gets the bytes in order, whatever the pieces' kinds, small bodies and large."""
+    blocks = [os.urandom(1 << 20), bytearray(os.urandom(1 << 20)),
+              memoryview(os.urandom(3 << 20))[5:(1 << 20) + 5], b""]
+    small = [b"ab", memoryview(b"cde"), bytearray(b"f")]
+    server, pool = serve(lambda c, r: ok(b""))
+    for body in (Pieces(blocks), Pieces(small), Pieces([])):
+        assert len(body) == sum(len(b) for b in body.bufs)
+        pool.request("PUT", "/b/k", [("Content-Length", str(len(body)))], body)
+    assert server.bodies == [b"".join(blocks), b"abcdef", b""]
+    assert server.connections == 1
 
 
 def test_a_head_answer_has_no_body_even_with_a_length(serve) -> None:

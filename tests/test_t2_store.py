@@ -725,6 +725,47 @@ async def test_blocks_of_a_part_whose_upload_failed_are_kept(rgw, bucket, s3, ke
     assert sha(await read_all(store, "flaky.bin", key, len(body))) == sha(body)
 
 
+async def test_a_part_on_its_way_does_not_change_when_its_blocks_are_rewritten(
+        rgw, bucket, s3, key, tmp_path) -> None:
+    """A part is sent as the blocks it is made of, not a copy of them.  A program that
+    writes in small pieces fills its blocks in place; rewriting one while its part is on its
+    way must not change the bytes being sent (a retry sends them again), and the rewrite
+    reaches S3 at close."""
+    import trio
+
+    store = make_store(rgw, bucket)
+    body = bytearray(data(12 * MiB))
+    f = _writer(store, key, tmp_path, "patched.bin")
+    real_upload_part = store.upload_part
+    rewritten = trio.Event()
+    seen: dict[int, bytes] = {}
+
+    async def upload_part(s3key: str, upload_id: str, number: int, part: Any,
+                          *a: Any, **kw: Any) -> str:
+        if number == 2 and 2 not in seen:
+            await rewritten.wait()
+            seen[2] = bytes(part)  # what is on its way, after the rewrite
+        return await real_upload_part(s3key, upload_id, number, part, *a, **kw)
+
+    store.upload_part = upload_part  # type: ignore[method-assign]
+    piece = 256 << 10
+    async with trio.open_nursery() as nursery:
+        f.ctx.nursery = f.ctx.source.nursery = nursery
+        for off in range(0, len(body), piece):
+            await f.write(off, bytes(body[off:off + piece]))
+        sent = bytes(body[5 * MiB:10 * MiB])
+        at = 7 * MiB + 1000  # inside part 2, which is on its way
+        await f.write(at, b"patched")
+        body[at:at + 7] = b"patched"
+        rewritten.set()
+        await f.flush()
+        await f.close()
+        nursery.cancel_scope.cancel()
+    assert seen[2] == sent
+    got = await read_all(store, "patched.bin", key, len(body))
+    assert got[at:at + 7] == b"patched" and sha(got) == sha(bytes(body))
+
+
 # --- copy ------------------------------------------------------------------------------------
 
 
