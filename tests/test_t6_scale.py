@@ -31,7 +31,7 @@ import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from conftest import RGW_DIR, Mounted, Rgw
+from conftest import RGW_DIR, Mounted, Rgw, mount_stats
 
 from s3ssefs.keys import Key
 
@@ -307,3 +307,56 @@ def test_copy_of_a_2gib_file_keeps_memory_bounded(
     # responses in flight (the same 64 MiB, twice while urllib3 joins the body) and slack
     read_bound = base_read + 256 + 64 + 2 * 64 + 64
     assert peak_read < read_bound, f"read peak {peak_read:.0f} MiB > {read_bound:.0f}"
+
+
+# ====================================================================== many files at once
+MANY_WRITERS = r"""
+import hashlib, json, os, random, sys, time
+d, n, n_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+base = random.Random(7).randbytes(1 << 20)
+fds = [os.open(f"{d}/w{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for i in range(n)]
+hs = [hashlib.sha256() for _ in range(n)]
+t0 = time.monotonic()
+for m in range(n_mib):  # a MiB to each file in turn: every file is being filled at once
+    for i, fd in enumerate(fds):
+        chunk = (i << 32 | m).to_bytes(8, "big") + base[8:]
+        hs[i].update(chunk)
+        assert os.write(fd, chunk) == len(chunk)
+for fd in fds:
+    os.close(fd)
+print(json.dumps({"sha": [h.hexdigest() for h in hs], "t": time.monotonic() - t0}))
+"""
+
+
+def test_many_files_written_at_once_share_a_bounded_memory(
+        rgw: Rgw, bucket: str, mount_factory: Any, s3: Any, key: Key) -> None:
+    """48 files of 20 MiB written at once (a MiB to each in turn) land whole, and the daemon
+    holds at most WRITE_MEMORY (320 MiB) of their blocks between them, plus the block each
+    is filling: past it, writers move their oldest blocks to the encrypted spill.  Each file
+    alone would keep a part and two blocks (18 MiB) in memory: 864 MiB for 48."""
+    from s3ssefs.files import PARTS_TOTAL, WRITE_MEMORY
+
+    n, n_mib = 48, 20
+    m: Mounted = mount_factory(bucket)
+    pid = m.pid
+    base = vm_hwm_mib(pid)
+    try:
+        w = child_json(MANY_WRITERS, str(m.path), str(n), str(n_mib), timeout=900)
+        peak = vm_hwm_mib(pid)
+        held = mount_stats(m)["write_memory_peak"]
+        for i, want in enumerate(w["sha"]):
+            got = s3.get_object(Bucket=bucket, Key=f"w{i}.bin", SSECustomerAlgorithm="AES256",
+                                SSECustomerKey=key.raw)["Body"].read()
+            assert len(got) == n_mib * MiB and hashlib.sha256(got).hexdigest() == want, \
+                f"w{i}.bin differs from what was written"
+    finally:
+        for i in range(n):
+            s3.delete_object(Bucket=bucket, Key=f"w{i}.bin")
+        collect_garbage()
+    record(f"{n} files of {n_mib} MiB written at once: daemon VmHWM {base:.0f} MiB after "
+           f"mount, {peak:.0f} MiB after ({n * n_mib / w['t']:.0f} MiB/s to the last close); "
+           f"blocks being written held in memory at most {held / MiB:.0f} MiB")
+    assert held <= WRITE_MEMORY + n * MiB, f"{held / MiB:.0f} MiB of blocks held in memory"
+    # those blocks, the parts in flight (16 MiB each) and 64 MiB of slack for the allocator
+    bound = base + (WRITE_MEMORY + n * MiB + PARTS_TOTAL * 16 * MiB) / MiB + 64
+    assert peak < bound, f"peak {peak:.0f} MiB > {bound:.0f}"
