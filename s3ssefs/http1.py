@@ -46,7 +46,6 @@ _SMALL_ANSWER = 64 << 10  # ...(a HEAD, a LIST page, a random read's fragment)..
 _QUIET = 2  # ...to requests sent with at most this many in flight, themselves included
 
 
-
 class Pieces:
     """A request body made of several buffers, sent one after another as they are.
 
