@@ -137,11 +137,11 @@ class Ctx:
     pages: KernelPages | None = None  # the kernel's page cache, once the FUSE session is up
     # parts being sent by all files (PARTS_TOTAL); each file also has its own PARTS_IN_FLIGHT
     part_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(PARTS_TOTAL))
-    write_memory: WriteMemory | None = None  # (set from WRITE_MEMORY and the block size)
+    # blocks being written held by all files (WRITE_MEMORY in blocks of this mount's size)
+    write_memory: WriteMemory = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.write_memory is None:
-            self.write_memory = WriteMemory(max(1, WRITE_MEMORY // self.block_size))
+        self.write_memory = WriteMemory(max(1, WRITE_MEMORY // self.block_size))
         # what a write changed is tracked per part by block (FileData.part_gen): a block
         # across two parts would leave the second part's sent copy stale
         if self.part_size % self.block_size:
@@ -191,7 +191,6 @@ class FileData:
         self.base_valid = self.size
         self.spill: Spill | None = None
         # blocks being written: a bytearray, or the FUSE write's own buffer for a whole block
-        assert ctx.write_memory is not None
         self.mem = _Mem(ctx.write_memory)
         self.mem_max = self.ps // self.bs + 2
         self.local: set[int] = set()  # blocks whose content is ours (mem or spill)
@@ -481,7 +480,6 @@ class FileData:
         them: the writer then gives up its oldest blocks, down to the one it is filling."""
         keep = self.mem_max if keep is None else keep
         total = self.ctx.write_memory
-        assert total is not None
         over = total.blocks - total.most
         if over > 0:
             keep = max(1, min(keep, len(self.mem) - over))
