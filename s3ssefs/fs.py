@@ -71,6 +71,11 @@ def _now_ns() -> int:
 # the lookups follow the listing (as readahead does for reads).  A plain ``ls`` sends none.
 PREFETCH_START = 8
 PREFETCH_MAX = 256
+# the files' HEADs of a window go to worker threads in batches, each one after another in one
+# job (ObjectStore.head_many): at least PREFETCH_JOBS batches while the window is small (so
+# the next lookups wait for a few HEADs, not a window's), of at most PREFETCH_BATCH HEADs
+PREFETCH_JOBS = 4
+PREFETCH_BATCH = 8
 LISTED_DIRS = 8  # directories whose listing order is kept for this
 
 
@@ -323,13 +328,21 @@ class Filesystem(pyfuse3.Operations):
         nursery = self.ctx.nursery
         if order is None or nursery is None:
             return
+        files: list[tuple[str, tuple[bool, int, str, float]]] = []
         for nxt in order.ahead(name):
             path = join(dpath, nxt)
             node = self.inodes.find(path)
             if path in self._heads or (node is not None and self._fresh(node)):
                 continue
             self._heads[path] = trio.Event()
-            nursery.start_soon(self._prefetch_head, path, order.hints[nxt])
+            hint = order.hints[nxt]
+            if hint[0] or not self.view.can_head_many():
+                nursery.start_soon(self._prefetch_head, path, hint)
+            else:
+                files.append((path, hint))
+        size = max(1, min(PREFETCH_BATCH, -(-len(files) // PREFETCH_JOBS)))
+        for i in range(0, len(files), size):
+            nursery.start_soon(self._prefetch_heads, files[i:i + size])
 
     async def _prefetch_head(self, path: str, hint: tuple[bool, int, str, float]) -> None:
         try:
@@ -338,6 +351,24 @@ class Filesystem(pyfuse3.Operations):
             log.debug("prefetch HEAD of %s failed: %s", path, e)
         finally:
             self._heads.pop(path).set()
+
+    async def _prefetch_heads(self, files: list[tuple[str, tuple[bool, int, str, float]]],
+                              ) -> None:
+        """:meth:`_prefetch_head` of several listed files in one batch (as :meth:`_probe`
+        would: a node, or a locked node for a file no key opens); a file gone since the
+        listing, or whose HEAD failed, is left to its lookup."""
+        try:
+            got = await self.view.head_many([(p, self.s3key(p)) for p, _ in files])
+            for (path, hint), res in zip(files, got, strict=True):
+                if not isinstance(res, FsError):
+                    self._file_node(path, *res)
+                elif res.errno == errno.EACCES:
+                    self._locked_node(path, hint)
+        except Exception as e:
+            log.debug("prefetch HEADs from %s on failed: %s", files[0][0], e)
+        finally:
+            for path, _ in files:
+                self._heads.pop(path).set()
 
     async def _refresh(self, node: Node) -> None:
         if self._fresh(node):

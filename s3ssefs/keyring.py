@@ -121,15 +121,56 @@ class KeyRing:
             keys.append(None)
         return keys
 
+    def _opened(self, s3key: str, key: Key | None, info: ObjectInfo, failed: int) -> Key | None:
+        """The key that opens ``s3key``, now that a HEAD with ``key`` answered ``info`` after
+        ``failed`` candidates did not; remembered for the object's next opening."""
+        if key is not None and info.sse_c_md5 is None:
+            # a plain object answered a keyed HEAD (RGW): it needs no key
+            key = None
+        elif key is None and info.sse_c_md5 is not None and self.keyfile:
+            key = self.keyfile.by_fingerprint(info.sse_c_md5)
+        self.learn(s3key, key, info.etag)
+        if failed and key is not None:
+            self.store.stats.add("key_trials", failed)
+        return key
+
+    def can_head_many(self) -> bool:
+        return self.store.can_head_many()
+
+    async def head_many(self, items: list[tuple[str, str]],
+                        ) -> list[tuple[ObjectInfo, Key | None] | FsError]:
+        """:meth:`head` of several objects (``(rel_path, s3key)`` each), for guesses (see
+        :meth:`ObjectStore.head_many`): all at once with each one's first candidate key; the
+        objects that key does not open then try the others, one by one.  Each gets what
+        :meth:`head` would return, or the FsError it would raise."""
+        firsts = [self.candidates(rel, s3key, None)[0] for rel, s3key in items]
+        got = await self.store.head_many(
+            [(s3key, k) for (_, s3key), k in zip(items, firsts, strict=True)])
+        out: list[tuple[ObjectInfo, Key | None] | FsError] = []
+        for (rel, s3key), key, res in zip(items, firsts, got, strict=True):
+            if isinstance(res, ObjectInfo):
+                out.append((res, self._opened(s3key, key, res, 0)))
+            elif res.errno == errno.EACCES:
+                try:
+                    out.append(await self.head(rel, s3key, refused=(key,)))
+                except FsError as e:
+                    out.append(e)
+            else:
+                out.append(res)
+        return out
+
     async def head(self, rel_path: str, s3key: str, version: str | None = None,
-                   ) -> tuple[ObjectInfo, Key | None]:
-        """HEAD the object with each candidate key until one opens it.
+                   refused: tuple[Key | None, ...] = ()) -> tuple[ObjectInfo, Key | None]:
+        """HEAD the object with each candidate key until one opens it (but those it is known
+        to have ``refused`` already).
 
         Raises ENOENT when there is no such object, EACCES (with one log line naming the object
         and the fingerprints tried) when no key opens it.
         """
-        tried: list[str] = []
+        tried = [k.fingerprint if k else "no key" for k in refused]
         for key in self.candidates(rel_path, s3key, version):
+            if key in refused:
+                continue
             try:
                 info = await self.store.head(s3key, key, version)
             except FsError as e:
@@ -137,15 +178,7 @@ class KeyRing:
                     tried.append(key.fingerprint if key else "no key")
                     continue
                 raise
-            if key is not None and info.sse_c_md5 is None:
-                # a plain object answered a keyed HEAD (RGW): it needs no key
-                key = None
-            elif key is None and info.sse_c_md5 is not None and self.keyfile:
-                key = self.keyfile.by_fingerprint(info.sse_c_md5)
-            self.learn(s3key, key, info.etag)
-            if len(tried) and key is not None:
-                self.store.stats.add("key_trials", len(tried))
-            return info, key
+            return info, self._opened(s3key, key, info, len(tried))
         log.warning("no key opens s3://%s/%s (tried %s) [EACCES]", self.store.bucket, s3key,
                     ", ".join(tried))
         raise FsError(errno.EACCES, f"no key opens s3://{self.store.bucket}/{s3key}")

@@ -203,6 +203,15 @@ def _ts(value: Any) -> float:
     return value.timestamp() if isinstance(value, datetime) else 0.0
 
 
+def _head_info(key: str, r: dict[str, Any]) -> ObjectInfo:
+    """What a HEAD answered (boto3's or the lean path's dict), as an ObjectInfo."""
+    return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)),
+                      etag=str(r.get("ETag", "")).strip('"'),
+                      mtime=_ts(r.get("LastModified")), metadata=dict(r.get("Metadata", {})),
+                      version_id=r.get("VersionId"), sse_c_md5=r.get("SSECustomerKeyMD5"),
+                      sse=r.get("ServerSideEncryption"))
+
+
 RETRY_FIRST = 0.25  # seconds before the first retry; doubles each time
 RETRY_MAX = 4.0
 MOUNT_CHECK_TIMEOUT = 5.0  # the checks at mount fail fast: a typo is likelier than an outage
@@ -440,11 +449,50 @@ class ObjectStore:
                            _version_query(version_id))
         r = await self._call("head", self._what("HEAD", key), self.client.head_object, lean,
                              **kw)
-        return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)),
-                          etag=str(r.get("ETag", "")).strip('"'),
-                          mtime=_ts(r.get("LastModified")), metadata=dict(r.get("Metadata", {})),
-                          version_id=r.get("VersionId"), sse_c_md5=r.get("SSECustomerKeyMD5"),
-                          sse=r.get("ServerSideEncryption"))
+        return _head_info(key, r)
+
+    def can_head_many(self) -> bool:
+        return self.wire is not None
+
+    async def head_many(self, items: list[tuple[str, Key | None]],
+                        ) -> list[ObjectInfo | FsError]:
+        """HEADs of several objects, one after another in one worker job on the lean path
+        (:meth:`can_head_many`).  This is for guesses, ``ls -l``'s prefetch of the entries it
+        will stat next: one hand-off to a worker thread and back for a few HEADs instead of
+        one each.  Each HEAD gets its answer or the error it failed with (through the one
+        errno map), not retried and not logged: the lookup that wants a failed one makes the
+        HEAD again through :meth:`head`, with the retry policy and the error report.  Not
+        answered within ``request_timeout``: EIO for those left."""
+        wire = self.wire
+        assert wire is not None
+        abandoned = threading.Event()
+
+        def run() -> list[ObjectInfo | FsError]:
+            _call_state.abandoned = abandoned
+            out: list[ObjectInfo | FsError] = []
+            try:
+                for key, sse_key in items:
+                    try:
+                        r = wire.head_object(key, sse_c_headers(sse_key))
+                    except RequestAbandoned:
+                        raise
+                    except Exception as e:
+                        if isinstance(e, ClientError):  # answered: counted as _call does
+                            self.stats.request("head")
+                        else:
+                            self.stats.error("head")
+                        out.append(_failure(e, self._what("HEAD", key)))
+                        continue
+                    self.stats.request("head")
+                    out.append(_head_info(key, r))
+            finally:
+                _call_state.abandoned = None
+            return out
+
+        with trio.move_on_after(self.cfg.request_timeout):
+            return await workers.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
+        abandoned.set()
+        return [FsError(errno.EIO, f"{self._what('HEAD', key)}: timed out") for key, _ in items]
 
     async def get_range(self, key: str, start: int, end: int, sse_key: Key | None,
                         version_id: str | None = None, if_match: str | None = None,

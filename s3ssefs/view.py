@@ -34,6 +34,14 @@ class LiveView:
     async def head(self, rel_path: str, s3key: str) -> tuple[ObjectInfo, Key | None]:
         return await self.keyring.head(rel_path, s3key)
 
+    def can_head_many(self) -> bool:
+        return self.keyring.can_head_many()
+
+    async def head_many(self, items: list[tuple[str, str]],
+                        ) -> list[tuple[ObjectInfo, Key | None] | FsError]:
+        """See :meth:`KeyRing.head_many`."""
+        return await self.keyring.head_many(items)
+
 
 class AsOfView(LiveView):
     """The bucket as it was at ``when`` (a versioned bucket; read-only)."""
@@ -66,6 +74,9 @@ class AsOfView(LiveView):
                          page_size: int = 1000) -> AsyncIterator[ListPage]:
         async for prefixes, shown in self._versions(prefix, delimiter):
             yield ListPage(prefixes=prefixes, objects=shown)
+
+    def can_head_many(self) -> bool:
+        return False  # each HEAD names the version shown
 
     async def head(self, rel_path: str, s3key: str) -> tuple[ObjectInfo, Key | None]:
         v = self._chosen.get(s3key)

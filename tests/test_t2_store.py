@@ -105,6 +105,24 @@ async def test_object_is_unreadable_without_its_key(rgw, bucket, s3, key, other_
     assert_keyless_get_fails(s3, bucket, "secret.bin")
 
 
+async def test_heads_in_one_batch_each_get_their_own_answer(rgw, bucket, key, other_key,
+                                                            ) -> None:
+    """``head_many`` (``ls -l``'s prefetch): in order, each object its own metadata, or the
+    errno its HEAD failed with (a wrong key EACCES, a missing object ENOENT); one failure
+    does not fail the others, and nothing is raised."""
+    store = make_store(rgw, bucket)
+    assert store.can_head_many()
+    for i in range(4):
+        await store.put(f"h{i}", data(10 + i), key, {"mode": str(0o100600 + i)})
+    await store.put("plain", b"p", None, {"mode": "33188"})
+    got = await store.head_many([("h0", key), ("h1", other_key), ("missing", key),
+                                 ("h2", None), ("h3", key), ("plain", None)])
+    assert [g.errno if isinstance(g, FsError) else (g.size, g.metadata["mode"])
+            for g in got] == [(10, str(0o100600)), errno.EACCES, errno.ENOENT, errno.EACCES,
+                              (13, str(0o100603)), (1, "33188")]
+    assert got[0].sse_c_md5 == key.fingerprint  # type: ignore[union-attr]
+
+
 # --- ranged reads ----------------------------------------------------------------------------
 
 

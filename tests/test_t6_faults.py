@@ -247,6 +247,33 @@ def test_a_far_server_gets_more_streaming_gets(proxy: FaultProxy, bucket: str,
 
 
 @pytest.mark.allow_warnings
+def test_stat_after_listing_through_503_answers_shows_every_files_own_attributes(
+        proxy: FaultProxy, bucket: str, mount_factory: Any, s3: Any, key: Key) -> None:
+    """Stat after a listing (what ``ls -l`` does) HEADs the entries ahead of the one asked
+    for, several to a worker thread.  When the server answers some of those HEADs 503
+    SlowDown, the lookups ask again: every file shows its own mode, owner and time, none the
+    mount's defaults, and no stat fails."""
+    want = {}
+    for i in range(40):
+        mode = 0o100400 | (i % 64) << 3
+        meta = {"mode": str(mode), "uid": str(1000 + i), "gid": str(2000 + i),
+                "mtime": str(1_600_000_000 + i)}
+        s3.put_object(Bucket=bucket, Key=f"d/f{i:02d}", Body=b"x" * i, Metadata=meta, **sse(key))
+        want[f"f{i:02d}"] = (mode, 1000 + i, 2000 + i, i, 1_600_000_000 + i)
+    m = proxied(mount_factory, bucket, proxy)
+    names = os.listdir(m.path / "d")
+    assert sorted(names) == sorted(want)
+    proxy.drop_connections()
+    proxy.slowdown(12)  # the next 12 requests, each on a new connection
+    got = {}
+    for name in names:  # in the listing's order, as ls -l stats them
+        st = os.lstat(m.path / "d" / name)
+        got[name] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, int(st.st_mtime))
+    assert got == want
+    assert proxy.stats.canned_503 == 12
+
+
+@pytest.mark.allow_warnings
 def test_slowdown_storm_gives_eio_in_bounded_time_then_retried(
         proxy: FaultProxy, bucket: str, mount_factory: Any, s3: Any, key: Key) -> None:
     """The server answers 503 SlowDown to everything: close() returns EIO within about
