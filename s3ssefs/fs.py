@@ -1048,6 +1048,12 @@ class Filesystem(pyfuse3.Operations):
             return (node.version_id or "null").encode()
         if name == b"user.s3ssefs.etag":
             return node.etag.encode()
+        if not name.startswith(b"user."):
+            # no security labels, ACLs or trusted attributes here: "not supported", as on a
+            # file system without them, and not "none on this file".  ls -l asks for
+            # security.selinux and system.posix_acl_access of every file it lists until it
+            # hears ENOTSUP; then it asks no more on this mount (2 requests, not 2 per file)
+            raise FsError(errno.ENOTSUP, "only user.* attributes")
         raise FsError(pyfuse3.ENOATTR, "no such attribute")
 
     @_fuse_errors

@@ -837,6 +837,30 @@ def test_fifo_and_hard_link(mnt: Any) -> None:
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o620
 
 
+def test_extended_attributes(mnt: Any, key: Key) -> None:
+    """Each file has three read-only ``user.s3ssefs.*`` attributes (its key's id, version,
+    ETag); other ``user.*`` names are absent (ENODATA) and none can be set (ENOTSUP).
+    Security labels, ACLs and trusted attributes are not supported at all (ENOTSUP, as on a
+    file system without them, not ENODATA): that is what makes ``ls -l`` ask for them once
+    per mount instead of twice per file, and it shows no ``.`` or ``+`` after the mode."""
+    f = mnt.path / "x.txt"
+    f.write_bytes(b"x")
+    assert sorted(os.listxattr(f)) == ["user.s3ssefs.etag", "user.s3ssefs.key",
+                                       "user.s3ssefs.version"]
+    assert os.getxattr(f, "user.s3ssefs.key") == key.id.encode()
+    for name, err in (("user.other", errno.ENODATA), ("security.selinux", errno.ENOTSUP),
+                      ("system.posix_acl_access", errno.ENOTSUP),
+                      ("system.posix_acl_default", errno.ENOTSUP), ("trusted.x", errno.ENOTSUP)):
+        with pytest.raises(OSError) as ei:
+            os.getxattr(f, name)
+        assert ei.value.errno == err, name
+    with pytest.raises(OSError) as ei:
+        os.setxattr(f, "user.note", b"v")
+    assert ei.value.errno == errno.ENOTSUP
+    listing = run("ls", "-l", mnt.path).stdout.splitlines()
+    assert len(listing) == 2 and len(listing[1].split()[0]) == 10, listing
+
+
 # --- no plaintext on local disk --------------------------------------------------------------
 
 
