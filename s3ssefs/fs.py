@@ -29,10 +29,10 @@ from s3ssefs.blocks import Buf, ObjectRef
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.files import Ctx, FileData
-from s3ssefs.inodes import ROOT, InodeTable, Node, check_name, join
+from s3ssefs.inodes import MAX_CACHED_ENTRIES, ROOT, InodeTable, Listing, Node, check_name, join
 from s3ssefs.keyring import KeyRing
 from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for
-from s3ssefs.store import ObjectInfo, ObjectStore
+from s3ssefs.store import ListPage, ObjectInfo, ObjectStore
 from s3ssefs.view import LiveView
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ PREFETCH_MAX = 256
 PREFETCH_JOBS = 4
 PREFETCH_BATCH = 8
 LISTED_DIRS = 8  # directories whose listing order is kept for this
+# a directory in which this many lookups found nothing (per 1,000 entries it held, a LIST
+# page) is listed again for the next lookup once its listing has expired (Filesystem._listing)
+RELIST_LOOKUPS = 16
+RELIST_PAGE = 1000
 
 
 @dataclass
@@ -149,6 +153,8 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh = 1
         self._listed: OrderedDict[str, ListedOrder] = OrderedDict()  # by directory path
         self._heads: dict[str, trio.Event] = {}  # prefetch HEADs in flight, by path
+        self._relisting: dict[str, trio.Event] = {}  # directories being listed again
+        self._too_big: set[str] = set()  # directories found too large to list for lookups
         ctx.s3key = self.s3key
         ctx.write_key = lambda: keyring.current
         ctx.metadata = self.metadata
@@ -312,15 +318,83 @@ class Filesystem(pyfuse3.Operations):
             if node is not None and self._fresh(node):
                 node.just_probed = True
                 return node
-        lst = self.inodes.listing(parent.path, self.cfg.dir_ttl)
+        lst = await self._listing(parent.path)
         hint = None
         if lst is not None:
             hint = lst.entries.get(name)
             if hint is None:
+                self.inodes.missed(parent.path)
                 raise FsError(errno.ENOENT, f"no such file: {path}")
-        node = await self._probe(path, hint)
+        try:
+            node = await self._probe(path, hint)
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                self.inodes.missed(parent.path)
+            raise
         node.just_probed = True
         return node
+
+    async def _listing(self, dpath: str) -> Listing | None:
+        """The listing of ``dpath`` remembered within ``dir_ttl``, for a lookup.  Without
+        one, the directory is listed (again) first when enough lookups in it found nothing
+        to pay for that (:data:`RELIST_LOOKUPS` per page of what it last held): a program
+        creating files one after another in a directory for longer than ``dir_ttl`` then
+        costs one LIST page per ``dir_ttl`` instead of a HEAD and a LIST for every name it
+        creates."""
+        lst = self.inodes.listing(dpath, self.cfg.dir_ttl)
+        if lst is not None:
+            return lst
+        old = self.inodes.listings.get(dpath)
+        if old is None or dpath in self._too_big or \
+                old.misses < RELIST_LOOKUPS * (len(old.entries) // RELIST_PAGE + 1):
+            return None
+        running = self._relisting.get(dpath)
+        if running is not None:  # another lookup is listing it: wait for that one
+            await running.wait()
+            return self.inodes.listing(dpath, self.cfg.dir_ttl)
+        self._relisting[dpath] = done = trio.Event()
+        try:
+            await self._relist(dpath, old)
+        finally:
+            del self._relisting[dpath]
+            done.set()
+        return self.inodes.listing(dpath, self.cfg.dir_ttl)
+
+    async def _relist(self, dpath: str, old: Listing) -> None:
+        """List ``dpath`` again in place of its expired listing ``old``.  What this mount
+        changed in the directory while the LIST ran (a file created, one removed) wins over
+        the LIST's answer, which may be from before it; a listing invalidated meanwhile (a
+        rename) is not replaced.  A directory too large to remember is not listed again;
+        after a failure, only once as many lookups have found nothing again."""
+        before = dict(old.entries)
+        prefix = self.dirkey(dpath)
+        entries: dict[str, tuple[bool, int, str, float]] = {}
+        try:
+            async for page in self.view.list_pages(prefix, delimiter="/"):
+                dirs, files = self._page_names(dpath, prefix, page)
+                entries.update((name, (True, 0, "", 0.0)) for name in dirs)
+                entries.update((name, (False, o.size, o.etag, o.mtime))
+                               for name, o in files.items())
+                if len(entries) > MAX_CACHED_ENTRIES:
+                    self._too_big.add(dpath)
+                    return
+        except FsError as e:  # the lookup goes on without it, as if there were none
+            log.debug("listing %s again failed: %s", dpath or "/", e)
+            old.misses = 0
+            return
+        if self.inodes.listings.get(dpath) is not old:
+            return
+        for name in before.keys() | old.entries.keys():
+            if before.get(name) != old.entries.get(name):
+                if name in old.entries:
+                    entries[name] = old.entries[name]
+                else:
+                    entries.pop(name, None)
+        for name, entry in old.entries.items():  # being written, not in S3 yet
+            node = self.inodes.find(join(dpath, name))
+            if name not in entries and node is not None and not node.remote:
+                entries[name] = entry
+        self.inodes.remember_listing(dpath, entries)
 
     def _prefetch_after(self, dpath: str, name: str) -> None:
         """Start HEADs for the listed entries after ``name`` (see :class:`ListedOrder`)."""
@@ -595,22 +669,7 @@ class Filesystem(pyfuse3.Operations):
         while len(self._listed) > LISTED_DIRS:
             self._listed.popitem(last=False)
         async for page in self.view.list_pages(prefix, delimiter="/"):
-            dirs = {}
-            for p in page.prefixes:
-                name = p[len(prefix):-1]
-                if self._valid_name(name, p):
-                    dirs[name] = p
-            files = {}
-            for o in page.objects:
-                name = o.key[len(prefix):]
-                if o.key == prefix or not self._valid_name(name, o.key):
-                    continue
-                known = self.inodes.find(join(dpath, name))
-                if name in dirs or (known is not None and known.is_dir):
-                    log.info("s3://%s/%s: a file and a directory share this name; "
-                             "showing the directory", self.store.bucket, o.key)
-                    continue
-                files[name] = o
+            dirs, files = self._page_names(dpath, prefix, page)
             results: dict[str, Node] = {}
             for name, o in files.items():
                 path = join(dpath, name)
@@ -654,6 +713,29 @@ class Filesystem(pyfuse3.Operations):
                     yield name, node
         if complete:
             self.inodes.remember_listing(dpath, remembered)
+
+    def _page_names(self, dpath: str, prefix: str, page: ListPage,
+                    ) -> tuple[dict[str, str], dict[str, ObjectInfo]]:
+        """The subdirectories (name → prefix) and files (name → object) of one listing page
+        of directory ``dpath``: names a file system can show, the directory winning over a
+        file of the same name."""
+        dirs = {}
+        for p in page.prefixes:
+            name = p[len(prefix):-1]
+            if self._valid_name(name, p):
+                dirs[name] = p
+        files = {}
+        for o in page.objects:
+            name = o.key[len(prefix):]
+            if o.key == prefix or not self._valid_name(name, o.key):
+                continue
+            known = self.inodes.find(join(dpath, name))
+            if name in dirs or (known is not None and known.is_dir):
+                log.info("s3://%s/%s: a file and a directory share this name; "
+                         "showing the directory", self.store.bucket, o.key)
+                continue
+            files[name] = o
+        return dirs, files
 
     def _valid_name(self, name: str, key: str) -> bool:
         if not name or name in (".", "..") or "/" in name or \

@@ -8,13 +8,15 @@ from S3 after ``attr_ttl`` seconds (close-to-open: an ``open`` always revalidate
 
 Directory listings are remembered for ``dir_ttl`` seconds when they are small enough
 (``MAX_CACHED_ENTRIES``), which answers negative lookups (``create`` of a new name) without a
-request; a larger directory is always streamed and never held whole in memory.
+request (and a directory whose lookups keep finding nothing is listed again when its listing
+expires); a larger directory is always streamed and never held whole in memory.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import stat
 import time
 from dataclasses import dataclass, field
@@ -100,6 +102,9 @@ class Listing:
 
     entries: dict[str, tuple[bool, int, str, float]]
     fetched: float
+    # lookups in the directory that found nothing (from this listing, or from S3 once it had
+    # expired): what pays for listing it again (Filesystem._listing)
+    misses: int = 0
 
 
 def check_name(name: bytes) -> str:
@@ -204,6 +209,14 @@ class InodeTable:
                          ) -> None:
         if len(entries) <= MAX_CACHED_ENTRIES:
             self.listings[dir_path] = Listing(entries, time.monotonic())
+
+    def missed(self, dir_path: str) -> None:
+        """A lookup in ``dir_path`` found nothing: counted on its listing, kept expired (and
+        empty) just for that when there is none."""
+        lst = self.listings.get(dir_path)
+        if lst is None:
+            lst = self.listings[dir_path] = Listing({}, -math.inf)
+        lst.misses += 1
 
     def listing_add(self, path: str, is_dir: bool, size: int = 0) -> None:
         parent, _, name = path.rpartition("/")

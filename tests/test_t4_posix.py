@@ -787,6 +787,36 @@ def test_close_to_open_visibility(mnt: Any, mount_factory: Any, bucket: str) -> 
     os.unlink(mnt.path / "big.bin")
 
 
+def test_a_directory_filled_for_longer_than_dir_ttl_is_listed_again_not_probed_per_name(
+        mount_factory: Any, bucket: str, s3: Any, key: Key) -> None:
+    """A program creating files one after another in one directory for longer than
+    ``dir_ttl``: after a few names probed one by one (a HEAD and a LIST each), the new names
+    are answered from the directory's listing, listed again each time it expires.  A file
+    another client puts there meanwhile shows up once the listing is renewed, and no file
+    the mount made goes missing."""
+    m = mount_factory(bucket, "--dir-ttl", "1")
+    out = m.path / "out"
+    out.mkdir()
+    before = mount_stats(m)["requests"]
+    made = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5 or len(made) < 100:  # five listings' lives at least
+        made.append(f"f{len(made):05d}")
+        (out / made[-1]).write_bytes(made[-1].encode())
+        if len(made) == 10:
+            s3.put_object(Bucket=bucket, Key="out/theirs", Body=b"t", **sse(key))
+    elapsed = time.monotonic() - t0
+    after = mount_stats(m)["requests"]
+    heads = after.get("head", 0) - before.get("head", 0)
+    lists = after.get("list", 0) - before.get("list", 0)
+    assert len(made) >= 100 and heads <= 20, (heads, len(made))  # 16 probed one by one
+    assert lists <= heads + elapsed + 2, (lists, elapsed, len(made))  # +1 per dir_ttl
+    assert (out / "theirs").read_bytes() == b"t"
+    assert sorted(os.listdir(out)) == sorted([*made, "theirs"])
+    for name in made[::17]:
+        assert (out / name).read_bytes() == name.encode()
+
+
 # --- metadata as s3fs writes it --------------------------------------------------------------
 
 
