@@ -368,21 +368,10 @@ class ObjectStore:
         delay = RETRY_FIRST
         retries = 0
         while True:
-            abandoned = threading.Event()
-
-            def run(abandoned: threading.Event = abandoned, first: bool = retries == 0) -> T:
-                _call_state.abandoned = abandoned
-                try:
-                    return lean() if lean is not None and first else fn(**kw)
-                finally:
-                    _call_state.abandoned = None
-
+            attempt = lean if lean is not None and retries == 0 else partial(fn, **kw)
             try:
-                with trio.fail_at(deadline):
-                    resp = await workers.run_sync(run, limiter=self.limiter,
-                                                  abandon_on_cancel=True)
+                resp = await self._in_worker(attempt, deadline)
             except trio.TooSlowError:
-                abandoned.set()
                 self.stats.error(kind)
                 log.warning("%s: no answer within %.0fs [EIO]", what, limit)
                 raise FsError(errno.EIO, f"{what}: timed out") from None
@@ -394,11 +383,37 @@ class ObjectStore:
                     await trio.sleep(delay * random.uniform(0.75, 1.0))
                     delay = min(delay * 2, RETRY_MAX)
                     continue
-                self.stats.request(kind, retries=retries) if isinstance(e, ClientError) \
-                    else self.stats.error(kind)
-                raise _failure(e, what) from None
+                raise self._failed(kind, what, e, retries) from None
             self.stats.request(kind, retries=retries)
             return resp
+
+    async def _in_worker(self, fn: Callable[[], T], deadline: float) -> T:
+        """``fn()`` in a worker thread under the store's limiter, given up at ``deadline``
+        (trio.TooSlowError): the thread then sends no further request (_refuse_abandoned)."""
+        abandoned = threading.Event()
+
+        def run() -> T:
+            _call_state.abandoned = abandoned
+            try:
+                return fn()
+            finally:
+                _call_state.abandoned = None
+
+        try:
+            with trio.fail_at(deadline):
+                return await workers.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            abandoned.set()
+            raise
+
+    def _failed(self, kind: str, what: str, e: BaseException, retries: int = 0) -> FsError:
+        """A request failed for good: counted (an answer as a request, anything else as an
+        error) and mapped through the one errno map."""
+        if isinstance(e, ClientError):
+            self.stats.request(kind, retries=retries)
+        else:
+            self.stats.error(kind)
+        return _failure(e, what)
 
     async def _guarded(self, kind: str, what: str, fn: Callable[..., T], /,
                        lean: Callable[[], T] | None = None, **kw: Any) -> T:
@@ -465,34 +480,26 @@ class ObjectStore:
         answered within ``request_timeout``: EIO for those left."""
         wire = self.wire
         assert wire is not None
-        abandoned = threading.Event()
 
         def run() -> list[ObjectInfo | FsError]:
-            _call_state.abandoned = abandoned
             out: list[ObjectInfo | FsError] = []
-            try:
-                for key, sse_key in items:
-                    try:
-                        r = wire.head_object(key, sse_c_headers(sse_key))
-                    except RequestAbandoned:
-                        raise
-                    except Exception as e:
-                        if isinstance(e, ClientError):  # answered: counted as _call does
-                            self.stats.request("head")
-                        else:
-                            self.stats.error("head")
-                        out.append(_failure(e, self._what("HEAD", key)))
-                        continue
-                    self.stats.request("head")
-                    out.append(_head_info(key, r))
-            finally:
-                _call_state.abandoned = None
+            for key, sse_key in items:
+                try:
+                    r = wire.head_object(key, sse_c_headers(sse_key))
+                except RequestAbandoned:
+                    raise
+                except Exception as e:
+                    out.append(self._failed("head", self._what("HEAD", key), e))
+                    continue
+                self.stats.request("head")
+                out.append(_head_info(key, r))
             return out
 
-        with trio.move_on_after(self.cfg.request_timeout):
-            return await workers.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
-        abandoned.set()
-        return [FsError(errno.EIO, f"{self._what('HEAD', key)}: timed out") for key, _ in items]
+        try:
+            return await self._in_worker(run, trio.current_time() + self.cfg.request_timeout)
+        except trio.TooSlowError:
+            return [FsError(errno.EIO, f"{self._what('HEAD', key)}: timed out")
+                    for key, _ in items]
 
     async def get_range(self, key: str, start: int, end: int, sse_key: Key | None,
                         version_id: str | None = None, if_match: str | None = None,
