@@ -411,8 +411,8 @@ class S3:
             list(ex.map(lambda k: self.seed(b, k, size), keys))
 
     def encryption(self, b: str, key: str) -> str:
-        """'sse-c' if a keyless GET fails and a keyed HEAD says AES256, 'PLAINTEXT' if a keyless
-        GET returns data, else a short description."""
+        """'sse-c' if a keyless GET and a keyless HEAD fail and a keyed HEAD says AES256,
+        'PLAINTEXT' if a keyless GET returns data, else a short description."""
         from botocore.exceptions import ClientError
 
         try:
@@ -422,6 +422,11 @@ class S3:
             code = e.response.get("Error", {}).get("Code", "?")
             if code in ("NoSuchKey", "404"):
                 return "missing"
+        try:
+            self.c.head_object(Bucket=b, Key=key)
+            return "keyless HEAD answers"
+        except ClientError:
+            pass
         try:
             h = self.c.head_object(Bucket=b, Key=key, **self.sse)
         except ClientError as e:
@@ -601,10 +606,6 @@ class System:
             self.ctx.args._warn_dropcache = True
         self.mount()
 
-    def alive(self) -> bool:
-        return not self.is_mount or (self.proc is not None and self.proc.poll() is None
-                                     and in_mount_table(self.mnt))
-
     def cpu(self) -> tuple[float, float]:
         """(user + system, system) seconds of this system's client side so far."""
         return self.meter.read(self.proc.pid if self.proc is not None else None)
@@ -772,6 +773,7 @@ class Boto3(System):
     flag = "--boto3-worker"
 
     threads: int | None = None  # None: --boto3-threads
+    self_cpu: float | None = None  # the last worker's own rusage of its timed part
 
     def worker(self, op: str, **kw) -> dict:
         spec = {"op": op, "bucket": self.bucket, "endpoint": self.ctx.endpoint, "ca": self.ctx.ca,
