@@ -1720,7 +1720,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in rotated([n for n in names if SYSTEMS[n].does(w)], rnd):
                     run_workload(ctx, SYSTEMS[n], rnd, w, per[n][-1])
             round_s.append(time.monotonic() - t_round)
-            log(f"round {rnd} took {round_s[-1] / 60:.1f} min")
+            left = statistics.mean(round_s) * (args.runs - rnd)
+            log(f"round {rnd} took {round_s[-1] / 60:.1f} min; ~{left / 60:.0f} min to go")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: cleaning up, reporting what was measured")
