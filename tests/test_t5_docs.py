@@ -228,7 +228,7 @@ def test_unit_contract() -> None:
                                             "keyfile:/etc/s3ssefs/%i.key"]
     (start,) = kv["ExecStart"]
     argv = start.split()
-    assert argv[:2] == ["/usr/bin/s3ssefs", "mount"]
+    assert argv[:2] == ["/usr/local/bin/s3ssefs", "mount"]
     assert "--foreground" in argv
     assert argv[argv.index("--instance-config") + 1] == "/etc/s3ssefs/%i.conf"
     assert argv[argv.index("--keyfile") + 1] == "${CREDENTIALS_DIRECTORY}/keyfile"
