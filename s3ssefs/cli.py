@@ -22,9 +22,13 @@ from s3ssefs import __version__
 from s3ssefs.config import OPTIONS, ConfigError, MountConfig, split_o_options
 from s3ssefs.errors import MountError
 from s3ssefs.keys import KeyFile, KeyFileError
-from s3ssefs.logsetup import setup_logging
+from s3ssefs.logsetup import setup_logging, stderr_is_journal
 
 log = logging.getLogger(__name__)
+
+# `mount` exits with this when its options, instance file or key file are unusable: trying again
+# cannot help, so the systemd unit does not restart on it (RestartPreventExitStatus=).
+EXIT_CONFIG = 78
 
 
 class UsageError(Exception):
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("bucket", nargs="?", metavar="BUCKET[/PREFIX]")
     m.add_argument("mountpoint", nargs="?", type=Path)
     m.add_argument("--instance-config", type=Path, help="systemd instance file")
+    m.add_argument("--keyfile-source", type=Path, metavar="PATH",
+                   help="file the key file's systemd credential was loaded from: its owner "
+                        "and mode are checked as the key file's")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
     _add_mount_options(m)
@@ -160,6 +167,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("s3ssefs mount: BUCKET[/PREFIX] and MOUNTPOINT are required")
     values = _option_values(args, instance)
     cfg = MountConfig.from_options(bucket, Path(mountpoint), values)
+    if args.keyfile_source is not None:
+        KeyFile.load(args.keyfile_source)  # LoadCredential= copies it with mode 0400
     if cfg.foreground or args.daemonized:
         from s3ssefs.daemon import run_foreground
 
@@ -369,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     except (ConfigError, KeyFileError, MountError) as e:
-        print(f"s3ssefs: {e}", file=sys.stderr)
+        print(f"{'<3>' if stderr_is_journal() else ''}s3ssefs: {e}", file=sys.stderr)
+        if args.command == "mount" and isinstance(e, (ConfigError, KeyFileError)):
+            return EXIT_CONFIG
         return 1
     except KeyboardInterrupt:
         return 130

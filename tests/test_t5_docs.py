@@ -232,6 +232,8 @@ def test_unit_contract() -> None:
     assert "--foreground" in argv
     assert argv[argv.index("--instance-config") + 1] == "/etc/s3ssefs/%i.conf"
     assert argv[argv.index("--keyfile") + 1] == "${CREDENTIALS_DIRECTORY}/keyfile"
+    assert argv[argv.index("--keyfile-source") + 1] == "/etc/s3ssefs/%i.key"
+    assert kv["RestartPreventExitStatus"] == ["78"]
     assert argv[argv.index("--credentials-file") + 1] == "${CREDENTIALS_DIRECTORY}/aws-credentials"
     # secrets only through credentials: nothing secret-looking in the environment
     for k, v in lines:
