@@ -8,9 +8,10 @@ more streams only spend them on lock hand-offs: 2 streams read as fast as 4 or 8
 CPU.  Blocks that skip the cache (a first pass, or a file over ``cache_stream_max``) leave
 the cores to the GETs, and 2 streams then leave some idle, so those get 4.  Against a server
 far away one connection is bound by its round trips and by the server's rate per connection
-(AWS quotes ~85-90 MB/s), and 2 streams leave the link idle: through a proxy adding latency
-and capping each connection's rate (``tests/bench/farproxy.py``), 8 streams read about twice
-as fast as 2, and 16 no faster than 8.  The measurements are in docs/benchmarks.md.
+(AWS documents one well below a fast link's), and 2 streams leave the link idle: through a
+proxy adding latency and capping each connection's rate (``tests/bench/farproxy.py``), 8
+streams read about twice as fast as 2, and 16 no faster than 8.  The measurements are in
+docs/benchmarks.md.
 
 The endpoint's name does not say which case a mount is in; the time the server takes to
 answer does.  The fastest answer among the last few small requests sent at quiet moments
