@@ -167,7 +167,7 @@ def test_unit_verify(tmp_path: Path) -> None:
     """``systemd-analyze verify`` on an instance of the template prints nothing.
 
     It runs against a scratch root (``--root``) holding a copy of the system's unit directory,
-    the template and a stand-in ``/usr/bin/s3ssefs`` (verify checks that ExecStart= is
+    the template and a stand-in ``/usr/local/bin/s3ssefs`` (verify checks that ExecStart= is
     executable), so the host is not touched whether s3ssefs is installed there or not.  The man
     pages named by Documentation= are found through MANPATH."""
     analyze = _tool("systemd-analyze")
