@@ -1190,6 +1190,8 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.EPERM, "user.s3ssefs.* attributes are read-only")
         if node.locked:
             raise FsError(errno.EACCES, f"no key opens {node.path}")
+        if not node.path:
+            raise FsError(errno.EPERM, "the mount point has no object to hold attributes")
         return node
 
     async def _xattrs(self, node: Node) -> dict[bytes, bytes]:

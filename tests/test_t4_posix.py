@@ -897,6 +897,9 @@ def test_extended_attributes(mnt: Any, key: Key) -> None:
     with pytest.raises(OSError) as ei:
         os.removexattr(f, "user.other")
     assert ei.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as ei:  # the mount point is no object
+        os.setxattr(mnt.path, "user.note", b"v")
+    assert ei.value.errno == errno.EPERM
     listing = run("ls", "-l", mnt.path).stdout.splitlines()
     assert len(listing) == 2 and len(listing[1].split()[0]) == 10, listing
 
