@@ -139,6 +139,22 @@ def instance(sandbox: Sandbox, rgw: Rgw, bucket: str, keyfile: Path) -> Iterator
             Path("/var/cache/s3ssefs").rmdir()
 
 
+def test_installed_commands_are_found(installed: None) -> None:
+    """After ``make install``: the command on root's PATH, the helper where mount(8) looks, the
+    man pages where man(1) looks."""
+    env = {k: v for k, v in os.environ.items() if k != "MANPATH"}
+    root_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert shutil.which("s3ssefs", path=root_path) == "/usr/local/bin/s3ssefs"
+    assert _run(["/usr/local/bin/s3ssefs", "--version"]).stdout.startswith("s3ssefs ")
+    assert "BUCKET" in _run(["/sbin/mount.s3ssefs", "--help"]).stdout
+    for section, page in (("1", "s3ssefs"), ("5", "s3ssefs-keyfile"), ("8", "mount.s3ssefs")):
+        proc = subprocess.run(["man", "-w", section, page], capture_output=True, text=True,
+                              env=env, timeout=60)
+        found = os.path.realpath(proc.stdout.strip())  # Debian: /usr/local/man -> share/man
+        assert found == f"/usr/local/share/man/man{section}/{page}.{section}", (
+            page, proc.stdout, proc.stderr)
+
+
 def _messages(entries: list[dict[str, Any]]) -> list[tuple[int, str]]:
     return [(int(e.get("PRIORITY", -1)), str(e.get("MESSAGE", ""))) for e in entries]
 
