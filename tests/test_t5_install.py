@@ -4,8 +4,9 @@
 The staged tree is what a package would ship: every file where the tool that uses it looks
 (``/sbin`` for mount(8), ``share/man`` for man(1), a unit directory systemd reads), the unit's
 ``ExecStart=`` naming the installed command, and a virtualenv whose scripts name its final path,
-not the staging one.  The real install into the default PREFIX, and the unit run by a real
-systemd, are in ``test_t5_systemd.py``.  Both need PyPI (or pip's cache) for the dependencies.
+not the staging one, and a unit that ``systemd-analyze verify`` accepts there.  The real
+install into the default PREFIX, and the unit run by a real systemd, are in
+``test_t5_systemd.py``.  Both need PyPI (or pip's cache) for the dependencies.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def test_make_install_and_uninstall_destdir(tmp_path: Path) -> None:
     starts = [line for line in unit if line.startswith("ExecStart=")]
     assert len(starts) == 1 and starts[0].startswith("ExecStart=/usr/local/bin/s3ssefs mount ")
     assert all(b.startswith("ExecStart=") for _, b in changed)
+
+    # systemd-analyze verify accepts the installed unit in the staged tree (a copy of the
+    # system's units beside it): ExecStart= names an executable, Documentation= man pages
+    # that the staged MANPATH holds
+    system_units = next(p for p in (Path("/usr/lib/systemd/system"),
+                                    Path("/lib/systemd/system")) if p.is_dir())
+    shutil.copytree(system_units, dest / "usr/lib/systemd/system", symlinks=True)
+    env = dict(os.environ, MANPATH=str(dest / "usr/local/share/man"), SYSTEMD_LOG_COLOR="0")
+    proc = subprocess.run(["systemd-analyze", "verify", f"--root={dest}", "--man=yes",
+                           "--recursive-errors=no", "s3ssefs@example.service"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "s3ssefs" not in proc.stdout + proc.stderr, (
+        proc.stdout + proc.stderr)
+    shutil.rmtree(dest / "usr/lib/systemd/system")
 
     # the virtualenv's scripts name /usr/local, not the staging directory, and work
     venv = dest / VENV.lstrip("/")
