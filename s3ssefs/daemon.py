@@ -41,7 +41,7 @@ from s3ssefs.errors import FsError, MountError
 from s3ssefs.files import Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
-from s3ssefs.keys import KeyFile
+from s3ssefs.keys import Key, KeyFile
 from s3ssefs.pages import KernelPages
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
@@ -131,8 +131,9 @@ def load_keys(cfg: MountConfig) -> KeyFile | None:
     return load_keyfile(cfg.keyfile)
 
 
-async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
-    """Fail with one clear line when the bucket cannot be used."""
+async def preflight(store: ObjectStore, cfg: MountConfig, write_key: Key | None) -> None:
+    """Fail with one clear line when the bucket cannot be used (``write_key``: the key
+    writes use, None without SSE-C)."""
     try:
         await store.check_bucket()
     except FsError as e:
@@ -155,20 +156,32 @@ async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
             default = rule.get("ApplyServerSideEncryptionByDefault", {})
             if default:
                 log.info("bucket default encryption: %s", default.get("SSEAlgorithm"))
-    if cfg.sse != "c" and not cfg.read_only:
-        # only a real write shows whether the server honours SSE-S3/KMS: Ceph 16 accepts
-        # AES256 and silently stores plaintext
-        try:
-            problem = await store.probe_write_encryption()
-        except FsError as e:
-            raise MountError(f"test write with sse={cfg.sse} to bucket {cfg.bucket!r} "
-                             f"failed: {e}") from None
-        if problem and cfg.sse == "s3":
-            raise MountError("server ignores SSE-S3 (no encryption echoed): objects would be "
-                             "stored unencrypted; use sse=c or sse=kms:KEYID")
-        if problem:
-            raise MountError(f"server did not confirm sse={cfg.sse} on a test write "
-                             f"({problem}); objects would not be encrypted as asked")
+    if not cfg.read_only:
+        await probe_write(store, cfg, write_key)
+
+
+async def probe_write(store: ObjectStore, cfg: MountConfig, write_key: Key | None) -> None:
+    """The mount's first write, tried now: a server that refuses every write (SSE-C over
+    plain HTTP on RGW, a 403, SSE-C blocked) fails the mount with one line, instead of a
+    mount whose every close() is EIO (see ObjectStore.probe_write)."""
+    try:
+        problem = await store.probe_write(write_key)
+    except FsError as e:
+        hint = ""
+        if cfg.sse == "c" and (cfg.endpoint or "").startswith("http://") \
+                and e.errno == errno.EACCES:
+            hint = ("; the server refuses SSE-C over plain http:// (RGW: "
+                    "rgw_crypt_require_ssl): use https")
+        elif e.errno == errno.EACCES:
+            hint = "; check the credentials' write permission, or mount read_only"
+        raise MountError(f"test write with sse={cfg.sse} to bucket {cfg.bucket!r} "
+                         f"failed: {e}{hint}") from None
+    if problem and cfg.sse == "s3":
+        raise MountError("server ignores SSE-S3 (no encryption echoed): objects would be "
+                         "stored unencrypted; use sse=c or sse=kms:KEYID")
+    if problem:
+        raise MountError(f"server did not confirm sse={cfg.sse} on a test write "
+                         f"({problem}); objects would not be encrypted as asked")
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -308,7 +321,7 @@ class Mount:
         await trio.serve_listeners(handle, [listener])
 
     async def run(self, ready_fd: int | None) -> int:
-        await preflight(self.store, self.cfg)
+        await preflight(self.store, self.cfg, self.keyring.current)
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
         self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
         registry = runtime_dir() / f"{self.id}.json"
