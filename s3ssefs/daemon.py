@@ -43,6 +43,8 @@ from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import Key, KeyFile
 from s3ssefs.pages import KernelPages
+from s3ssefs.recovery import recover
+from s3ssefs.spill import sweep
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
 from s3ssefs.view import AsOfView, LiveView
@@ -242,13 +244,14 @@ class Mount:
         self.stats = Stats()
         self.store = ObjectStore(cfg, self.stats)
         base = (cfg.cache_dir or default_cache_dir()).expanduser()
+        self.cache_base = base
         self.state_dir = base / self.id
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
         spill_dir = self.state_dir / "spill"
         spill_dir.mkdir(exist_ok=True, mode=0o700)
-        for old in spill_dir.glob("spill-*"):  # unreadable: their key died with the old mount
-            old.unlink(missing_ok=True)
+        # what an earlier mount left and owes nobody goes; journaled spills stay for recovery
+        sweep(spill_dir)
         self.cipher = LocalCipher()
         self.cache = BlockCache(self.state_dir / "blocks", cfg.cache_size, self.cipher)
         self.keyring = KeyRing(keyfile, self.store, self.state_dir)
@@ -269,8 +272,8 @@ class Mount:
         """Flush everything; unmount only if nothing is left behind."""
         failed = await self.fs.flush_all()
         if failed:
-            log.error("could not upload %d file(s), mount kept: %s", len(failed),
-                      ", ".join(failed))
+            log.error("could not upload %d file(s), mount kept: %s; %s", len(failed),
+                      ", ".join(failed), self._left_behind())
             return failed
         if not self._stopping:
             self._stopping = True
@@ -313,7 +316,7 @@ class Mount:
                     if fastest is not None:
                         reply["server_answer_us"] = round(fastest * 1e6)
                 elif cmd == "umount":
-                    reply = {"failed": await self._stop()}
+                    reply = {"failed": await self._stop(), "kept": self.cfg.sse == "c"}
                 else:
                     reply = {"error": f"unknown command {cmd!r}"}
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -322,6 +325,8 @@ class Mount:
 
     async def run(self, ready_fd: int | None) -> int:
         await preflight(self.store, self.cfg, self.keyring.current)
+        # before the mount appears, so nobody opens a file while its old data goes up
+        await recover(self.ctx, self.keyring, self.cfg, self.cache_base)
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
         self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
         registry = runtime_dir() / f"{self.id}.json"
@@ -360,10 +365,19 @@ class Mount:
             self.keyring.save()
             self.cache.close()
         if self.failed:
-            log.error("unmounted with %d file(s) not uploaded: %s", len(self.failed),
-                      ", ".join(self.failed))
+            log.error("unmounted with %d file(s) not uploaded: %s; %s", len(self.failed),
+                      ", ".join(self.failed), self._left_behind())
             return 1
         return 0
+
+    def _left_behind(self) -> str:
+        """Where the data of files not uploaded is, and what becomes of it."""
+        if self.cfg.sse != "c":
+            return ("their data is lost: the spill of an sse=s3/kms mount is sealed with a "
+                    "key that dies with the daemon")
+        return (f"their data is kept, encrypted, in {self.ctx.spill_dir}: if this daemon "
+                f"ends first, the next mount of {self.cfg.bucket_path} with cache_dir "
+                f"{self.cache_base} uploads it")
 
     async def _announce(self, ready_fd: int | None) -> None:
         """Tell the parent / systemd the mount is up once it answers a stat."""
@@ -494,8 +508,13 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
             return 0
         raise MountError(str(e)) from None
     if reply.get("failed"):
+        then = ("the data stays in the encrypted spill and the next mount of the bucket with "
+                "the same cache directory uploads it" if reply.get("kept") else
+                "the data of an sse=s3/kms mount is then lost")
         raise MountError(f"could not upload {len(reply['failed'])} file(s), still mounted: "
-                         + ", ".join(reply["failed"]))
+                         + ", ".join(reply["failed"]) + "; fix the cause (the daemon's log "
+                         "says it) and run s3ssefs umount again, or unmount with "
+                         f"fusermount3 -u: {then}")
     # the daemon unmounts and exits once flushed: wait for its exit, not a guess
     try:
         pidfd = os.pidfd_open(int(reply["pid"]))

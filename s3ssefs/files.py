@@ -15,6 +15,14 @@ sent is sent again at flush.  Parts the program never touched in an existing obj
 copied server-side (UploadPartCopy), so a small change in a large file uploads only the parts
 it changed.  flush/fsync return when S3 has the data; if the upload fails they raise EIO and
 everything stays dirty for the next try.
+
+A failed flush is also the moment data becomes owed to S3 whatever happens to the daemon: the
+program was told its close() failed and the data kept (DESIGN §5).  So every block of the file
+goes to the spill and the spill's journal is written (:meth:`FileData._keep`); on an SSE-C
+mount the next mount uploads it if this one never does (:mod:`s3ssefs.recovery`).  Data written
+and not yet closed was never promised and is not journaled.  Why the upload failed is kept
+(:attr:`FileData.failure`): an answer that cannot change (``FsError.permanent``) is not retried
+in the background, only by the next close, fsync or umount.
 """
 
 from __future__ import annotations
@@ -216,6 +224,20 @@ class FileData:
         self.sent_only: set[int] = set()
         # (key, SSE-C key) of an upload completed early, if any (see _complete_early)
         self._interim: tuple[str, Key | None] | None = None
+        self.failure: FsError | None = None  # why the last flush failed (see _keep)
+
+    @classmethod
+    def recovered(cls, ctx: Ctx, node: Node, base: ObjectRef | None, base_valid: int,
+                  size: int, spill: Spill) -> FileData:
+        """A file an earlier mount left in ``spill`` (:mod:`s3ssefs.recovery`): its blocks
+        there, the rest from ``base`` up to ``base_valid``; dirty, to be flushed."""
+        data = cls(ctx, node, base)
+        data.size, data.base_valid = size, base_valid if base is not None else 0
+        data.spill = spill
+        data.local = set(spill.block_numbers())
+        data.dirty = True
+        data._appending = False
+        return data
 
     # ------------------------------------------------------------------ block contents
     def _extent(self, b: int) -> int:
@@ -517,11 +539,16 @@ class FileData:
             return True
         return False
 
+    def _ensure_spill(self) -> Spill:
+        if self.spill is None:
+            # sealed under the key writes use, so the next mount can open it (spill.py)
+            self.spill = Spill(self.ctx.spill_dir, self.ctx.cipher, self.bs,
+                               key=self.ctx.write_key())
+        return self.spill
+
     async def _spill_write(self, b: int, blk: Buf) -> None:
         self.ctx.stats.add("spill_blocks")
-        if self.spill is None:
-            self.spill = Spill(self.ctx.spill_dir, self.ctx.cipher, self.bs)
-        spill = self.spill
+        spill = self._ensure_spill()
         try:
             # blk left self.mem: nothing changes it while the thread seals it
             await workers.run_sync(spill.write_block, b, blk)
@@ -728,26 +755,81 @@ class FileData:
 
     # ------------------------------------------------------------------ flush
     async def flush(self) -> None:
-        """Upload if anything changed; return only when S3 has it (EIO otherwise)."""
+        """Upload if anything changed; return only when S3 has it (EIO otherwise, with
+        everything kept for the next try and the next mount: :meth:`_keep`)."""
         async with self.lock:
             if not self.dirty or self.unlinked:
                 return
-            await self._wait_parts()
-            s3key = self.ctx.s3key(self.node.path)
-            key = self.ctx.write_key()
-            meta = self.ctx.metadata(self.node)
-            if self.sent_only and not self._completes_as_is(s3key):
+            try:
+                await self._flush_locked()
+            except FsError as e:
+                self.failure = e
+                with trio.CancelScope(shield=True):
+                    await self._keep()
+                raise
+            self.failure = None
+
+    async def _keep(self) -> None:
+        """A flush failed (lock held): put every block of the file in the spill and write its
+        journal, so the data survives the daemon (SIGKILL, a plain umount): see the module
+        docstring.  Only what cannot be kept is logged; the flush's own failure is the
+        caller's to report."""
+        where = f"s3://{self.ctx.store.bucket}/{self.ctx.s3key(self.node.path)}"
+        await self._wait_parts()
+        if self.sent_only:
+            try:
                 await self._complete_early()
-            if self.upload is not None and (self.upload.s3key != s3key
-                                            or self.size <= self.ctx.multipart_threshold):
-                await self._abort_upload()
-            if self.size > self.ctx.multipart_threshold:
-                info = await self._finish_multipart(s3key, key, meta)
-            else:
-                body = await self._pieces(0, self.size)
-                info = await self.ctx.store.put(s3key, body, key, meta)
-            self._uploaded(s3key, info, key)
-            await self._drop_interim(s3key)
+            except FsError as e:
+                log.error("%s: blocks %s are only in an unfinished multipart upload (%s): "
+                          "they are lost if the daemon ends before an upload succeeds",
+                          where, sorted(self.sent_only), e)
+        self._appending = False  # no more blocks whose only copy is a part (see _let_go)
+        try:
+            spill = self._ensure_spill()
+            while self.mem:
+                b, blk = self.mem.popitem(last=False)
+                await self._spill_write(b, blk)
+            if spill.recoverable:
+                await workers.run_sync(spill.write_journal, self._journal_info())
+        except (OSError, FsError) as e:
+            log.error("%s: could not keep its data in the spill in %s for the next mount "
+                      "(%s); it is only in this daemon's memory until an upload succeeds",
+                      where, self.ctx.spill_dir, e)
+
+    def _journal_info(self) -> dict[str, Any]:
+        """What the next mount needs to upload the file (spill.Spill.write_journal): where
+        it goes, its size and attributes, and the object its unwritten blocks come from."""
+        base = self.base
+        attrs = self.node.attrs
+        return {
+            "bucket": self.ctx.store.bucket, "endpoint": self.ctx.store.cfg.endpoint,
+            "s3key": self.ctx.s3key(self.node.path), "size": self.size,
+            "attrs": {"mode": attrs.mode, "uid": attrs.uid, "gid": attrs.gid,
+                      "mtime_ns": attrs.mtime_ns, "ctime_ns": attrs.ctime_ns},
+            "metadata": self.node.metadata, "time": time.time(),
+            "base": None if base is None else {
+                "s3key": base.s3key, "etag": base.etag, "size": base.size,
+                "valid": self.base_valid, "version_id": base.version_id,
+                "key": base.sse_key.fingerprint if base.sse_key else None},
+        }
+
+    async def _flush_locked(self) -> None:
+        await self._wait_parts()
+        s3key = self.ctx.s3key(self.node.path)
+        key = self.ctx.write_key()
+        meta = self.ctx.metadata(self.node)
+        if self.sent_only and not self._completes_as_is(s3key):
+            await self._complete_early()
+        if self.upload is not None and (self.upload.s3key != s3key
+                                        or self.size <= self.ctx.multipart_threshold):
+            await self._abort_upload()
+        if self.size > self.ctx.multipart_threshold:
+            info = await self._finish_multipart(s3key, key, meta)
+        else:
+            body = await self._pieces(0, self.size)
+            info = await self.ctx.store.put(s3key, body, key, meta)
+        self._uploaded(s3key, info, key)
+        await self._drop_interim(s3key)
 
     def _completes_as_is(self, s3key: str) -> bool:
         """Whether the upload under way can be completed without the blocks only S3 has:
@@ -851,6 +933,8 @@ class FileData:
             await self._abort_upload()
             await self._drop_interim(None)  # the file's object is going: so does that one
             self.unlinked = True
+            if self.spill is not None:  # nothing is owed to S3 any more
+                await workers.run_sync(self.spill.drop_journal)
 
     def renamed(self, info: ObjectInfo | None) -> None:
         """The object was copied to the node's new path."""
