@@ -592,8 +592,13 @@ class FileData:
 
     # ------------------------------------------------------------------ streaming parts
     async def _stream_parts(self, written_to: int) -> None:
-        """Send every part the writer has completely filled (in the background)."""
+        """Send every part the writer has completely filled (in the background).  Not once
+        the server has refused this file's upload for good (``FsError.permanent``): asking
+        again for every part written would only repeat the refusal; close() reports it."""
         if self.size <= self.ctx.multipart_threshold and self.upload is None:
+            return
+        refused = self.failure or (self.upload.error if self.upload is not None else None)
+        if refused is not None and refused.permanent:
             return
         last_full = written_to // self.ps - 1
         # only the parts just behind the writer: a sequential writer completes them in order,
@@ -608,7 +613,13 @@ class FileData:
             first, last = p * self.ps // self.bs, ((p + 1) * self.ps - 1) // self.bs
             if any(b not in self.local or b in self.sent_only for b in range(first, last + 1)):
                 continue  # part mixes old data or data only S3 has: see flush
-            await self._start_part(p, gen)
+            try:
+                await self._start_part(p, gen)
+            except FsError as e:
+                if not e.permanent:
+                    raise
+                self.failure = e  # the data is kept; the flush tries once more
+                return
 
     async def _ensure_upload(self) -> _Upload:
         if self.upload is None:

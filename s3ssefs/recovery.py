@@ -74,7 +74,9 @@ async def recover(ctx: Ctx, keyring: KeyRing, cfg: MountConfig, cache_base: Path
         s3key = str(info.get("s3key", ""))
         if info.get("bucket") != ctx.store.bucket or info.get("endpoint") != cfg.endpoint \
                 or not s3key.startswith(cfg.prefix) or s3key == cfg.prefix:
-            spill.release()  # another bucket's: its own mount recovers it
+            log.info("%s holds s3://%s/%s (endpoint %s), not this mount's: left for a mount "
+                     "of that bucket", journal, info.get("bucket"), s3key, info.get("endpoint"))
+            spill.release()
             continue
         try:
             await _recover_one(ctx, keyring, cfg, spill, info)

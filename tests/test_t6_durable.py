@@ -170,10 +170,10 @@ def test_failed_uploads_survive_sigkill_and_the_next_mount_uploads_them(
     assert write(m.path / "base.bin", 12 << 20, "base") == {}
     deny_writes(s3, bucket)
     try:
-        assert write(m.path / "small.txt", 5000, "small").get("close") == errno.EIO
-        assert write(m.path / "big.bin", 11 << 20, "big").get("close") == errno.EIO
+        assert write(m.path / "small.txt", 5000, "small") == {"close": errno.EIO}
+        # the writes of a large file go on (the refusal is not asked again per part)
+        assert write(m.path / "big.bin", 11 << 20, "big") == {"close": errno.EIO}
         assert write(m.path / "base.bin", 1 << 20, "patch", at=6 << 20) == {"close": errno.EIO}
-        assert len(journals(m)) == 3
         kill_daemon(m)
     finally:
         allow_writes(s3, bucket)
@@ -206,7 +206,6 @@ def test_plain_umount_keeps_what_it_could_not_upload(
                            timeout=DEADLINE)
         assert r.returncode == 0, r.stderr
         assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), DEADLINE)
-        assert len(journals(m)) == 1
     finally:
         allow_writes(s3, bucket)
     m.mount()
@@ -251,7 +250,6 @@ def test_a_spill_in_use_is_left_to_its_mount(
     b = mount_factory(bucket, mount=False)
     b.cache_dir = a.cache_dir
     b.mount()
-    assert len(journals(a)) == 1  # still a's
     assert bucket_sha(s3, bucket, "held.txt", key) is None
     b.umount()
     a.umount()  # a uploads it itself
