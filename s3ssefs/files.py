@@ -234,7 +234,7 @@ class FileData:
         data = cls(ctx, node, base)
         data.size, data.base_valid = size, base_valid if base is not None else 0
         data.spill = spill
-        data.local = set(spill.block_numbers())
+        data.local = {b for b in spill.block_numbers() if b * data.bs < size}
         data.dirty = True
         data._appending = False
         return data
@@ -589,6 +589,8 @@ class FileData:
             self.size = new_size
             self.dirty = True
             self._appending = new_size == 0 and self.base_valid == 0
+            if self.spill is not None and self.spill.journaled:
+                await self._keep()  # the journal must not name blocks cut off
 
     # ------------------------------------------------------------------ streaming parts
     async def _stream_parts(self, written_to: int) -> None:

@@ -109,7 +109,7 @@ async def _recover_one(ctx: Ctx, keyring: KeyRing, cfg: MountConfig, spill: Spil
     bs = spill.block_size
     if bs != ctx.block_size:
         ctx = replace(ctx, block_size=bs)  # raises ValueError if the part size does not fit
-    blocks = set(spill.block_numbers())
+    blocks = {b for b in spill.block_numbers() if b * bs < size}
     base: dict[str, Any] | None = info.get("base")
     ref = None
     valid = 0

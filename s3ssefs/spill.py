@@ -65,6 +65,7 @@ class Spill:
             if key is not None and self._salt is not None else cipher
         self._lock = threading.Lock()
         self._blocks: set[int] = set()
+        self.journaled = False  # a journal names this spill's file (write_journal)
         self.path = Path(directory) / f"spill-{secrets.token_hex(16)}"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._fd: int | None = os.open(self.path, flags, 0o600)
@@ -108,6 +109,7 @@ class Spill:
         spill._id, spill._salt, spill._key_fp, spill._cipher = spill_id, salt, fp, cipher
         spill._lock = threading.Lock()
         spill._blocks = blocks
+        spill.journaled = True
         spill.path = path
         spill._fd = fd
         return spill, body
@@ -204,6 +206,7 @@ class Spill:
         finally:
             os.close(out)
         os.replace(tmp, self.journal_path)
+        self.journaled = True
         dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
@@ -213,6 +216,7 @@ class Spill:
     def drop_journal(self) -> None:
         """The file no longer needs recovering (uploaded, or unlinked)."""
         self.journal_path.unlink(missing_ok=True)
+        self.journaled = False
 
     def close(self) -> None:
         """Delete the file and its journal; calling it again does nothing."""

@@ -193,16 +193,17 @@ def test_failed_uploads_survive_sigkill_and_the_next_mount_uploads_them(
 
 
 @pytest.mark.allow_warnings
+@pytest.mark.parametrize("umount", [["umount"], ["umount", "-l"]], ids=["plain", "lazy"])
 def test_plain_umount_keeps_what_it_could_not_upload(
-        bucket: str, mount_factory: Any, s3: Any, key: Key) -> None:
-    """A plain umount (the kernel unmounts; the daemon tries the upload once more and
-    exits) no longer discards the file: the next mount uploads it."""
+        bucket: str, mount_factory: Any, s3: Any, key: Key, umount: list[str]) -> None:
+    """A plain or lazy umount (the kernel unmounts; the daemon tries the upload once more
+    and exits) no longer discards the file: the next mount uploads it."""
     m = mount_factory(bucket, "--retry-interval", "3600")
     deny_writes(s3, bucket)
     try:
         assert write(m.path / "kept.txt", 70_000, "kept") == {"close": errno.EIO}
         pid = m.pid
-        r = subprocess.run(["umount", str(m.path)], capture_output=True, text=True,
+        r = subprocess.run([*umount, str(m.path)], capture_output=True, text=True,
                            timeout=DEADLINE)
         assert r.returncode == 0, r.stderr
         assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), DEADLINE)
