@@ -768,19 +768,43 @@ class FileData:
 
     # ------------------------------------------------------------------ flush
     async def flush(self) -> None:
-        """Upload if anything changed; return only when S3 has it (EIO otherwise, with
-        everything kept for the next try and the next mount: :meth:`_keep`)."""
+        """Upload if anything changed; return only when S3 has it (EIO otherwise, with the
+        data kept for the next try and the next mount: :meth:`keep`)."""
+        try:
+            await self._flush()
+        except FsError as e:
+            await self.keep(e)
+            raise
+
+    async def _flush(self) -> None:
         async with self.lock:
             if not self.dirty or self.unlinked:
                 return
-            try:
-                await self._flush_locked()
-            except FsError as e:
-                self.failure = e
-                with trio.CancelScope(shield=True):
+            await self._wait_parts()
+            s3key = self.ctx.s3key(self.node.path)
+            key = self.ctx.write_key()
+            meta = self.ctx.metadata(self.node)
+            if self.sent_only and not self._completes_as_is(s3key):
+                await self._complete_early()
+            if self.upload is not None and (self.upload.s3key != s3key
+                                            or self.size <= self.ctx.multipart_threshold):
+                await self._abort_upload()
+            if self.size > self.ctx.multipart_threshold:
+                info = await self._finish_multipart(s3key, key, meta)
+            else:
+                body = await self._pieces(0, self.size)
+                info = await self.ctx.store.put(s3key, body, key, meta)
+            self._uploaded(s3key, info, key)
+            await self._drop_interim(s3key)
+
+    async def keep(self, failure: FsError) -> None:
+        """A flush failed with ``failure``: keep the file's data for the next try and for
+        the next mount (:meth:`_keep`), and remember why (see :attr:`failure`)."""
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                self.failure = failure
+                if self.dirty and not self.unlinked:
                     await self._keep()
-                raise
-            self.failure = None
 
     async def _keep(self) -> None:
         """A flush failed (lock held): put every block of the file in the spill and write its
@@ -825,24 +849,6 @@ class FileData:
                 "valid": self.base_valid, "version_id": base.version_id,
                 "key": base.sse_key.fingerprint if base.sse_key else None},
         }
-
-    async def _flush_locked(self) -> None:
-        await self._wait_parts()
-        s3key = self.ctx.s3key(self.node.path)
-        key = self.ctx.write_key()
-        meta = self.ctx.metadata(self.node)
-        if self.sent_only and not self._completes_as_is(s3key):
-            await self._complete_early()
-        if self.upload is not None and (self.upload.s3key != s3key
-                                        or self.size <= self.ctx.multipart_threshold):
-            await self._abort_upload()
-        if self.size > self.ctx.multipart_threshold:
-            info = await self._finish_multipart(s3key, key, meta)
-        else:
-            body = await self._pieces(0, self.size)
-            info = await self.ctx.store.put(s3key, body, key, meta)
-        self._uploaded(s3key, info, key)
-        await self._drop_interim(s3key)
 
     def _completes_as_is(self, s3key: str) -> bool:
         """Whether the upload under way can be completed without the blocks only S3 has:
@@ -904,6 +910,7 @@ class FileData:
 
     def _uploaded(self, s3key: str, info: ObjectInfo, key: Key | None) -> None:
         """S3 has everything: the new object becomes the base, local state is dropped."""
+        self.failure = None
         if self.base is not None:
             self.ctx.source.forget(self.base)
         self.base = ObjectRef(s3key, info.etag, self.size, key, info.version_id)
