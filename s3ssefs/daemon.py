@@ -43,7 +43,7 @@ from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import Key, KeyFile
 from s3ssefs.pages import KernelPages
-from s3ssefs.recovery import recover
+from s3ssefs.recovery import journals, recover
 from s3ssefs.spill import sweep
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
@@ -326,7 +326,11 @@ class Mount:
     async def run(self, ready_fd: int | None) -> int:
         await preflight(self.store, self.cfg, self.keyring.current)
         # before the mount appears, so nobody opens a file while its old data goes up
-        await recover(self.ctx, self.keyring, self.cfg, self.cache_base)
+        if journals(self.cache_base):
+            async with trio.open_nursery() as n:
+                n.start_soon(_still_starting)
+                await recover(self.ctx, self.keyring, self.cfg, self.cache_base)
+                n.cancel_scope.cancel()
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
         self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
         registry = runtime_dir() / f"{self.id}.json"
@@ -391,6 +395,15 @@ class Mount:
                 os.write(ready_fd, b"OK\n")
                 os.close(ready_fd)
         sd_notify("READY=1")
+
+
+async def _still_starting(step: float = 20.0) -> None:
+    """While files left by an earlier mount go up (which may take long), keep systemd from
+    taking the start for hung (TimeoutStartSec), which would kill the upload and start it over
+    at the next start, for ever."""
+    while True:
+        sd_notify(f"EXTEND_TIMEOUT_USEC={int(3 * step * 1e6)}")
+        await trio.sleep(step)
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
