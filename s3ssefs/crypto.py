@@ -2,8 +2,15 @@
 
 Objects are encrypted in S3 with the customer's key, so their plaintext must not end up in the
 clear in the block cache or the write spill either.  Each mount makes a random AES-256-GCM key,
-keeps it in memory only and forgets it when it exits: whatever a mount leaves on disk (after a
-crash, say) cannot be read by anyone, not even the next mount.
+keeps it in memory only and forgets it when it exits: whatever a mount leaves in the block cache
+(after a crash, say) cannot be read by anyone, not even the next mount.
+
+The write spill of an SSE-C mount is the exception, because its data must outlive the daemon: a
+file whose upload failed is still owed to S3 after a crash or a plain ``umount``, and the next
+mount must be able to open it (:mod:`s3ssefs.recovery`).  Each spill is sealed under a key
+derived (HKDF-SHA256) from the key file's key that writes use, with a random salt per spill:
+what lands on disk is the salt and the key's MD5 fingerprint (which S3 shows anyway), never a
+key; whoever holds the key file can open it, as they could open the object in S3.
 
 GCM authenticates as well as encrypts, and callers pass *associated data* naming what a blob
 is (which object, which block); a file that was truncated, corrupted or swapped for another
@@ -21,7 +28,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +45,19 @@ class CorruptBlock(Exception):
 
 
 class LocalCipher:
-    """AES-256-GCM with a random key made per mount, held only in memory."""
+    """AES-256-GCM with a key held only in memory: random per mount, or :meth:`derived`."""
 
-    def __init__(self) -> None:
-        self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    def __init__(self, key: bytes | None = None) -> None:
+        self._aead = AESGCM(key if key is not None else AESGCM.generate_key(bit_length=256))
+
+    @classmethod
+    def derived(cls, secret: bytes, salt: bytes, purpose: bytes) -> LocalCipher:
+        """A cipher whose key is HKDF-SHA256 of ``secret`` (a key file's key) with ``salt``
+        (random, stored beside what it seals) and ``purpose``: the same three give the same
+        key in a later process, and the derived key tells nothing about ``secret``."""
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt,
+                    info=b"s3ssefs local " + purpose)
+        return cls(hkdf.derive(secret))
 
     def __repr__(self) -> str:
         return "<LocalCipher>"  # never show key material

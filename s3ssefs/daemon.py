@@ -41,8 +41,10 @@ from s3ssefs.errors import FsError, MountError
 from s3ssefs.files import Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
-from s3ssefs.keys import KeyFile
+from s3ssefs.keys import Key, KeyFile
 from s3ssefs.pages import KernelPages
+from s3ssefs.recovery import journals, recover
+from s3ssefs.spill import sweep
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
 from s3ssefs.view import AsOfView, LiveView
@@ -130,8 +132,9 @@ def load_keys(cfg: MountConfig) -> KeyFile | None:
     return load_keyfile(cfg.keyfile)
 
 
-async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
-    """Fail with one clear line when the bucket cannot be used."""
+async def preflight(store: ObjectStore, cfg: MountConfig, write_key: Key | None) -> None:
+    """Fail with one clear line when the bucket cannot be used (``write_key``: the key
+    writes use, None without SSE-C)."""
     try:
         await store.check_bucket()
     except FsError as e:
@@ -154,20 +157,32 @@ async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
             default = rule.get("ApplyServerSideEncryptionByDefault", {})
             if default:
                 log.info("bucket default encryption: %s", default.get("SSEAlgorithm"))
-    if cfg.sse != "c" and not cfg.read_only:
-        # only a real write shows whether the server honours SSE-S3/KMS: Ceph 16 accepts
-        # AES256 and silently stores plaintext
-        try:
-            problem = await store.probe_write_encryption()
-        except FsError as e:
-            raise MountError(f"test write with sse={cfg.sse} to bucket {cfg.bucket!r} "
-                             f"failed: {e}") from None
-        if problem and cfg.sse == "s3":
-            raise MountError("server ignores SSE-S3 (no encryption echoed): objects would be "
-                             "stored unencrypted; use sse=c or sse=kms:KEYID")
-        if problem:
-            raise MountError(f"server did not confirm sse={cfg.sse} on a test write "
-                             f"({problem}); objects would not be encrypted as asked")
+    if not cfg.read_only:
+        await probe_write(store, cfg, write_key)
+
+
+async def probe_write(store: ObjectStore, cfg: MountConfig, write_key: Key | None) -> None:
+    """The mount's first write, tried now: a server that refuses every write (SSE-C over
+    plain HTTP on RGW, a 403, SSE-C blocked) fails the mount with one line, instead of a
+    mount whose every close() is EIO (see ObjectStore.probe_write)."""
+    try:
+        problem = await store.probe_write(write_key)
+    except FsError as e:
+        hint = ""
+        if cfg.sse == "c" and (cfg.endpoint or "").startswith("http://") \
+                and e.errno == errno.EACCES:
+            hint = ("; the server refuses SSE-C over plain http:// (RGW: "
+                    "rgw_crypt_require_ssl): use https")
+        elif e.errno == errno.EACCES:
+            hint = "; check the credentials' write permission, or mount read_only"
+        raise MountError(f"test write with sse={cfg.sse} to bucket {cfg.bucket!r} "
+                         f"failed: {e}{hint}") from None
+    if problem and cfg.sse == "s3":
+        raise MountError("server ignores SSE-S3 (no encryption echoed): objects would be "
+                         "stored unencrypted; use sse=c or sse=kms:KEYID")
+    if problem:
+        raise MountError(f"server did not confirm sse={cfg.sse} on a test write "
+                         f"({problem}); objects would not be encrypted as asked")
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -228,13 +243,14 @@ class Mount:
         self.stats = Stats()
         self.store = ObjectStore(cfg, self.stats)
         base = (cfg.cache_dir or default_cache_dir()).expanduser()
+        self.cache_base = base
         self.state_dir = base / self.id
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
         spill_dir = self.state_dir / "spill"
         spill_dir.mkdir(exist_ok=True, mode=0o700)
-        for old in spill_dir.glob("spill-*"):  # unreadable: their key died with the old mount
-            old.unlink(missing_ok=True)
+        # what an earlier mount left and owes nobody goes; journaled spills stay for recovery
+        sweep(spill_dir)
         self.cipher = LocalCipher()
         self.cache = BlockCache(self.state_dir / "blocks", cfg.cache_size, self.cipher)
         self.keyring = KeyRing(keyfile, self.store, self.state_dir)
@@ -255,8 +271,8 @@ class Mount:
         """Flush everything; unmount only if nothing is left behind."""
         failed = await self.fs.flush_all()
         if failed:
-            log.error("could not upload %d file(s), mount kept: %s", len(failed),
-                      ", ".join(failed))
+            log.error("could not upload %d file(s), mount kept: %s; %s", len(failed),
+                      ", ".join(failed), self._left_behind())
             return failed
         if not self._stopping:
             self._stopping = True
@@ -299,7 +315,7 @@ class Mount:
                     if fastest is not None:
                         reply["server_answer_us"] = round(fastest * 1e6)
                 elif cmd == "umount":
-                    reply = {"failed": await self._stop()}
+                    reply = {"failed": await self._stop(), "kept": self.cfg.sse == "c"}
                 else:
                     reply = {"error": f"unknown command {cmd!r}"}
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -307,7 +323,13 @@ class Mount:
         await trio.serve_listeners(handle, [listener])
 
     async def run(self, ready_fd: int | None) -> int:
-        await preflight(self.store, self.cfg)
+        await preflight(self.store, self.cfg, self.keyring.current)
+        # before the mount appears, so nobody opens a file while its old data goes up
+        if journals(self.cache_base):
+            async with trio.open_nursery() as n:
+                n.start_soon(_still_starting)
+                await recover(self.ctx, self.keyring, self.cfg, self.cache_base)
+                n.cancel_scope.cancel()
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
         self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
         registry = runtime_dir() / f"{self.id}.json"
@@ -346,10 +368,19 @@ class Mount:
             self.keyring.save()
             self.cache.close()
         if self.failed:
-            log.error("unmounted with %d file(s) not uploaded: %s", len(self.failed),
-                      ", ".join(self.failed))
+            log.error("unmounted with %d file(s) not uploaded: %s; %s", len(self.failed),
+                      ", ".join(self.failed), self._left_behind())
             return 1
         return 0
+
+    def _left_behind(self) -> str:
+        """Where the data of files not uploaded is, and what becomes of it."""
+        if self.cfg.sse != "c":
+            return ("their data is lost: the spill of an sse=s3/kms mount is sealed with a "
+                    "key that dies with the daemon")
+        return (f"their data is kept, encrypted, in {self.ctx.spill_dir}: if this daemon "
+                f"ends first, the next mount of {self.cfg.bucket_path} with cache_dir "
+                f"{self.cache_base} uploads it")
 
     async def _announce(self, ready_fd: int | None) -> None:
         """Tell the parent / systemd the mount is up once it answers a stat."""
@@ -363,6 +394,15 @@ class Mount:
                 os.write(ready_fd, b"OK\n")
                 os.close(ready_fd)
         sd_notify("READY=1")
+
+
+async def _still_starting(step: float = 20.0) -> None:
+    """While files left by an earlier mount go up (which may take long), keep systemd from
+    taking the start for hung (TimeoutStartSec), which would kill the upload and start it over
+    at the next start, for ever."""
+    while True:
+        sd_notify(f"EXTEND_TIMEOUT_USEC={int(3 * step * 1e6)}")
+        await trio.sleep(step)
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
@@ -480,8 +520,13 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
             return 0
         raise MountError(str(e)) from None
     if reply.get("failed"):
+        then = ("the data stays in the encrypted spill and the next mount of the bucket with "
+                "the same cache directory uploads it" if reply.get("kept") else
+                "the data of an sse=s3/kms mount is then lost")
         raise MountError(f"could not upload {len(reply['failed'])} file(s), still mounted: "
-                         + ", ".join(reply["failed"]))
+                         + ", ".join(reply["failed"]) + "; fix the cause (the daemon's log "
+                         "says it) and run s3ssefs umount again, or unmount with "
+                         f"fusermount3 -u: {then}")
     # the daemon unmounts and exits once flushed: wait for its exit, not a guess
     try:
         pidfd = os.pidfd_open(int(reply["pid"]))

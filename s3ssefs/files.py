@@ -15,6 +15,14 @@ sent is sent again at flush.  Parts the program never touched in an existing obj
 copied server-side (UploadPartCopy), so a small change in a large file uploads only the parts
 it changed.  flush/fsync return when S3 has the data; if the upload fails they raise EIO and
 everything stays dirty for the next try.
+
+A failed flush is also the moment data becomes owed to S3 whatever happens to the daemon: the
+program was told its close() failed and the data kept (DESIGN §5).  So every block of the file
+goes to the spill and the spill's journal is written (:meth:`FileData._keep`); on an SSE-C
+mount the next mount uploads it if this one never does (:mod:`s3ssefs.recovery`).  Data written
+and not yet closed was never promised and is not journaled.  Why the upload failed is kept
+(:attr:`FileData.failure`): an answer that cannot change (``FsError.permanent``) is not retried
+in the background, only by the next close, fsync or umount.
 """
 
 from __future__ import annotations
@@ -216,6 +224,20 @@ class FileData:
         self.sent_only: set[int] = set()
         # (key, SSE-C key) of an upload completed early, if any (see _complete_early)
         self._interim: tuple[str, Key | None] | None = None
+        self.failure: FsError | None = None  # why the last flush failed (see _keep)
+
+    @classmethod
+    def recovered(cls, ctx: Ctx, node: Node, base: ObjectRef | None, base_valid: int,
+                  size: int, spill: Spill) -> FileData:
+        """A file an earlier mount left in ``spill`` (:mod:`s3ssefs.recovery`): its blocks
+        there, the rest from ``base`` up to ``base_valid``; dirty, to be flushed."""
+        data = cls(ctx, node, base)
+        data.size, data.base_valid = size, base_valid if base is not None else 0
+        data.spill = spill
+        data.local = {b for b in spill.block_numbers() if b * data.bs < size}
+        data.dirty = True
+        data._appending = False
+        return data
 
     # ------------------------------------------------------------------ block contents
     def _extent(self, b: int) -> int:
@@ -516,11 +538,16 @@ class FileData:
             return True
         return False
 
+    def _ensure_spill(self) -> Spill:
+        if self.spill is None:
+            # sealed under the key writes use, so the next mount can open it (spill.py)
+            self.spill = Spill(self.ctx.spill_dir, self.ctx.cipher, self.bs,
+                               key=self.ctx.write_key())
+        return self.spill
+
     async def _spill_write(self, b: int, blk: Buf) -> None:
         self.ctx.stats.add("spill_blocks")
-        if self.spill is None:
-            self.spill = Spill(self.ctx.spill_dir, self.ctx.cipher, self.bs)
-        spill = self.spill
+        spill = self._ensure_spill()
         try:
             # blk left self.mem: nothing changes it while the thread seals it
             await workers.run_sync(spill.write_block, b, blk)
@@ -561,11 +588,18 @@ class FileData:
             self.size = new_size
             self.dirty = True
             self._appending = new_size == 0 and self.base_valid == 0
+            if self.spill is not None and self.spill.journaled:
+                await self._keep()  # the journal must not name blocks cut off
 
     # ------------------------------------------------------------------ streaming parts
     async def _stream_parts(self, written_to: int) -> None:
-        """Send every part the writer has completely filled (in the background)."""
+        """Send every part the writer has completely filled (in the background).  Not once
+        the server has refused this file's upload for good (``FsError.permanent``): asking
+        again for every part written would only repeat the refusal; close() reports it."""
         if self.size <= self.ctx.multipart_threshold and self.upload is None:
+            return
+        refused = self.failure or (self.upload.error if self.upload is not None else None)
+        if refused is not None and refused.permanent:
             return
         last_full = written_to // self.ps - 1
         # only the parts just behind the writer: a sequential writer completes them in order,
@@ -580,7 +614,13 @@ class FileData:
             first, last = p * self.ps // self.bs, ((p + 1) * self.ps - 1) // self.bs
             if any(b not in self.local or b in self.sent_only for b in range(first, last + 1)):
                 continue  # part mixes old data or data only S3 has: see flush
-            await self._start_part(p, gen)
+            try:
+                await self._start_part(p, gen)
+            except FsError as e:
+                if not e.permanent:
+                    raise
+                self.failure = e  # the data is kept; the flush tries once more
+                return
 
     async def _ensure_upload(self) -> _Upload:
         if self.upload is None:
@@ -727,7 +767,15 @@ class FileData:
 
     # ------------------------------------------------------------------ flush
     async def flush(self) -> None:
-        """Upload if anything changed; return only when S3 has it (EIO otherwise)."""
+        """Upload if anything changed; return only when S3 has it (EIO otherwise, with the
+        data kept for the next try and the next mount: :meth:`keep`)."""
+        try:
+            await self._flush()
+        except FsError as e:
+            await self.keep(e)
+            raise
+
+    async def _flush(self) -> None:
         async with self.lock:
             if not self.dirty or self.unlinked:
                 return
@@ -747,6 +795,59 @@ class FileData:
                 info = await self.ctx.store.put(s3key, body, key, meta)
             self._uploaded(s3key, info, key)
             await self._drop_interim(s3key)
+
+    async def keep(self, failure: FsError) -> None:
+        """A flush failed with ``failure``: keep the file's data for the next try and for
+        the next mount (:meth:`_keep`), and remember why (see :attr:`failure`)."""
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                self.failure = failure
+                if self.dirty and not self.unlinked:
+                    await self._keep()
+
+    async def _keep(self) -> None:
+        """A flush failed (lock held): put every block of the file in the spill and write its
+        journal, so the data survives the daemon (SIGKILL, a plain umount): see the module
+        docstring.  Only what cannot be kept is logged; the flush's own failure is the
+        caller's to report."""
+        where = f"s3://{self.ctx.store.bucket}/{self.ctx.s3key(self.node.path)}"
+        await self._wait_parts()
+        if self.sent_only:
+            try:
+                await self._complete_early()
+            except FsError as e:
+                log.error("%s: blocks %s are only in an unfinished multipart upload (%s): "
+                          "they are lost if the daemon ends before an upload succeeds",
+                          where, sorted(self.sent_only), e)
+        self._appending = False  # no more blocks whose only copy is a part (see _let_go)
+        try:
+            spill = self._ensure_spill()
+            while self.mem:
+                b, blk = self.mem.popitem(last=False)
+                await self._spill_write(b, blk)
+            if spill.recoverable:
+                await workers.run_sync(spill.write_journal, self._journal_info())
+        except (OSError, FsError) as e:
+            log.error("%s: could not keep its data in the spill in %s for the next mount "
+                      "(%s); it is only in this daemon's memory until an upload succeeds",
+                      where, self.ctx.spill_dir, e)
+
+    def _journal_info(self) -> dict[str, Any]:
+        """What the next mount needs to upload the file (spill.Spill.write_journal): where
+        it goes, its size and attributes, and the object its unwritten blocks come from."""
+        base = self.base
+        attrs = self.node.attrs
+        return {
+            "bucket": self.ctx.store.bucket, "endpoint": self.ctx.store.cfg.endpoint,
+            "s3key": self.ctx.s3key(self.node.path), "size": self.size,
+            "attrs": {"mode": attrs.mode, "uid": attrs.uid, "gid": attrs.gid,
+                      "mtime_ns": attrs.mtime_ns, "ctime_ns": attrs.ctime_ns},
+            "metadata": self.node.metadata, "time": time.time(),
+            "base": None if base is None else {
+                "s3key": base.s3key, "etag": base.etag, "size": base.size,
+                "valid": self.base_valid, "version_id": base.version_id,
+                "key": base.sse_key.fingerprint if base.sse_key else None},
+        }
 
     def _completes_as_is(self, s3key: str) -> bool:
         """Whether the upload under way can be completed without the blocks only S3 has:
@@ -808,6 +909,7 @@ class FileData:
 
     def _uploaded(self, s3key: str, info: ObjectInfo, key: Key | None) -> None:
         """S3 has everything: the new object becomes the base, local state is dropped."""
+        self.failure = None
         if self.base is not None:
             self.ctx.source.forget(self.base)
         self.base = ObjectRef(s3key, info.etag, self.size, key, info.version_id)
@@ -850,6 +952,8 @@ class FileData:
             await self._abort_upload()
             await self._drop_interim(None)  # the file's object is going: so does that one
             self.unlinked = True
+            if self.spill is not None:  # nothing is owed to S3 any more
+                await workers.run_sync(self.spill.drop_journal)
 
     def renamed(self, info: ObjectInfo | None) -> None:
         """The object was copied to the node's new path."""

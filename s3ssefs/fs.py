@@ -1229,12 +1229,17 @@ class Filesystem(pyfuse3.Operations):
         return failed
 
     async def retry_loop(self, interval: float = 30.0) -> None:
-        """Retry uploads that failed at close, until they succeed or the mount ends."""
+        """Retry uploads that failed at close, until they succeed or the mount ends; not
+        those the server refused for good (``FsError.permanent``: a 403, SSE-C refused):
+        sending them again only repeats the refusal and the error line.  The next close,
+        fsync or umount of such a file tries once more."""
         while True:
             await trio.sleep(interval)
             for node in list(self.inodes.by_ino.values()):
-                if node.data is not None and node.data.dirty and node.open_count == 0 \
-                        and not node.data.unlinked:
+                data = node.data
+                if data is not None and data.dirty and node.open_count == 0 \
+                        and not data.unlinked \
+                        and not (data.failure is not None and data.failure.permanent):
                     try:
                         await self._flush_node(node)
                         await self._drop_data(node)

@@ -258,10 +258,11 @@ def _failure(e: BaseException, what: str) -> FsError:
     if isinstance(e, ClientError):
         return _map_client_error(e, what)
     if isinstance(e, NoCredentialsError):
-        return FsError(errno.EACCES, f"{what}: no S3 credentials found")
+        return FsError(errno.EACCES, f"{what}: no S3 credentials found", permanent=True)
     if isinstance(e, SSLError):
-        hint = "; check ca_bundle" if "CERTIFICATE_VERIFY_FAILED" in str(e) else ""
-        return FsError(errno.EIO, f"{what}: TLS failure{hint}")
+        verify = "CERTIFICATE_VERIFY_FAILED" in str(e)
+        hint = "; check ca_bundle" if verify else ""
+        return FsError(errno.EIO, f"{what}: TLS failure{hint}", permanent=verify)
     if isinstance(e, Retry):
         return FsError(errno.EIO, f"{what}: {e}")
     if isinstance(e, BotoCoreError | HTTPError | OSError | RequestAbandoned):
@@ -270,14 +271,17 @@ def _failure(e: BaseException, what: str) -> FsError:
 
 
 def _map_client_error(e: ClientError, what: str) -> FsError:
-    """The one S3-error → errno map."""
+    """The one S3-error → errno map, which also says which answers are permanent (see
+    :mod:`s3ssefs.errors`): a refusal (403, RGW's 400 for SSE-C, a missing bucket) comes back
+    the same however often the request is sent; a missing *object* is an answer about that
+    object, not a fault to retry, and is left as it is."""
     err = e.response.get("Error", {})
     code = str(err.get("Code", ""))
     status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     msg = f"{what}: {status} {code}".strip()
     if code in ("NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchVersion") or status == 404:
         if code == "NoSuchBucket":
-            return FsError(errno.ENOENT, f"{what}: bucket does not exist")
+            return FsError(errno.ENOENT, f"{what}: bucket does not exist", permanent=True)
         return FsError(errno.ENOENT, msg)
     if code == "BucketNotEmpty":
         return FsError(errno.ENOTEMPTY, msg)
@@ -290,11 +294,13 @@ def _map_client_error(e: ClientError, what: str) -> FsError:
     if code == "PreconditionFailed" or status == 412:
         return FsError(errno.ESTALE, msg)
     if status == 403:
-        return FsError(errno.EACCES, msg)
+        # (a skewed clock or an expired token is retried before it gets here: _RETRY_CODES)
+        return FsError(errno.EACCES, msg, permanent=code not in _RETRY_CODES)
     if status == 400 and code in ("", "400", "BadRequest", "InvalidArgument", "InvalidRequest",
                                   "InvalidEncryptionAlgorithmError"):
-        # RGW: wrong or missing SSE-C key; AWS: missing key / key for a plain object
-        return FsError(errno.EACCES, msg)
+        # RGW: wrong or missing SSE-C key, or SSE-C over plain HTTP (rgw_crypt_require_ssl);
+        # AWS: missing key / key for a plain object
+        return FsError(errno.EACCES, msg, permanent=True)
     if code in ("SlowDown", "Throttling", "ServiceUnavailable", "InternalError",
                 "RequestTimeout") or status >= 500:
         return FsError(errno.EIO, msg)
@@ -633,14 +639,31 @@ class ObjectStore:
             if not key_marker:
                 return
 
-    async def probe_write_encryption(self) -> str | None:
-        """PUT, check and delete a tiny probe object under the prefix with the mount's write
-        encryption; why the server cannot be trusted with it, or None.  Ceph 16 accepts SSE-S3
-        and stores plaintext, which only a real write shows."""
+    async def probe_write(self, sse_key: Key | None) -> str | None:
+        """Try the mount's first write before the mount exists; why the server cannot be
+        trusted with it, or None.  A refusal raises :class:`FsError` (permanent or not).
+
+        With SSE-C (``sse_key``): CreateMultipartUpload under the key, then its abort.  That
+        is what a write needs (permission to write, SSE-C accepted: RGW refuses it over
+        plain HTTP, AWS buckets may block it; the key's MD5 echoed) and leaves nothing
+        behind, not even a version in a versioned bucket.  With SSE-S3/KMS only a real object
+        shows whether the server honours it (Ceph 16 accepts ``AES256`` and stores
+        plaintext): a tiny one is PUT, checked and deleted, under a name with 48 random bits
+        (``.s3ssefs-probe-…``) that no user file will have."""
         name = f"{self.cfg.prefix}.s3ssefs-probe-{os.urandom(6).hex()}"
+        if sse_key is not None:
+            what = self._what("CreateMultipartUpload", name)
+            r = await self._call("create_multipart", what, self.client.create_multipart_upload,
+                                 Bucket=self.bucket, Key=name,
+                                 **self.write_params(sse_key))
+            try:
+                return self._echo_problem(r, sse_key)
+            finally:
+                await self.abort_multipart(name, r["UploadId"])
         what = self._what("PUT", name)
-        r = await self._call("put", what, self.client.put_object, Bucket=self.bucket,
-                             Key=name, Body=b"s3ssefs write probe", **self.write_params(None))
+        r = await self._call("put", what, self.client.put_object,
+                             Bucket=self.bucket, Key=name, Body=b"s3ssefs write probe",
+                             **self.write_params(None))
         try:
             return self._echo_problem(r, None)
         finally:
@@ -680,7 +703,7 @@ class ObjectStore:
         problem = self._echo_problem(resp, sse_key)
         if problem:
             raise FsError(errno.EIO, f"{what}: {problem}; refusing to leave plaintext in the "
-                          "bucket")
+                          "bucket", permanent=True)
 
     async def put(self, key: str, body: Body, sse_key: Key | None,
                   metadata: dict[str, str] | None = None,

@@ -207,7 +207,15 @@ async def test_copy_without_echo_fails_and_leaves_no_target(rgw, proxy, bucket, 
 
 def test_mounted_write_without_echo_fails_close_with_eio(
         rgw, proxy, bucket, s3, key, mount_factory) -> None:
+    # a server that does not echo SSE-C is refused at mount: the mount tries its first write
+    refused = mount_factory(bucket, "--endpoint", proxy.endpoint, mount=False)
+    r = subprocess.run(refused.argv(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "did not confirm sse=c" in r.stderr, r.stderr
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    # one that stops echoing later fails close() with EIO
+    proxy.strip = False
     m = mount_factory(bucket, "--endpoint", proxy.endpoint)
+    proxy.strip = True
     path = m.path / "f.txt"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, b"secret data")
