@@ -882,7 +882,7 @@ class Filesystem(pyfuse3.Operations):
         if removing is not None:  # an unlink of it is under way: its object is going
             await removing.wait()
         if node.data is None and self.inodes.find(node.path) is not node:
-            orphan = self._opened_removed(node, flags)
+            orphan = self._opened_removed(node, flags, here=not node.remote)
         # close-to-open: look at S3 again, unless the lookup that led here just did
         just_probed, node.just_probed = node.just_probed, False
         if node.data is None and node.remote and not just_probed and not orphan \
@@ -892,9 +892,10 @@ class Filesystem(pyfuse3.Operations):
             except FsError as e:
                 if e.errno != errno.ENOENT:
                     raise
+                here = inode in self._removing or not node.remote
                 self.inodes.listing_remove(node.path)  # gone: the name no longer means it
                 self.inodes.detach(node)
-                orphan = self._opened_removed(node, flags)
+                orphan = self._opened_removed(node, flags, here)
         if node.locked:
             log.warning("no key opens s3://%s/%s [EACCES]", self.store.bucket,
                         self.s3key(node.path))
@@ -932,17 +933,18 @@ class Filesystem(pyfuse3.Operations):
             self.page_blockers.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=bool(keep))
 
-    def _opened_removed(self, node: Node, flags: int) -> bool:
-        """An open of a file removed (here or by another client) since the kernel looked its
-        name up, as when `rm f` and `echo foo > f` race: to a program that truncates it, it
-        is an unlinked file, as on a local file system where the unlink came just after the
-        open (what it writes goes nowhere); a reader finds it gone (ENOENT); another writer
-        gets ESTALE, on which the kernel looks the name up again (and creates the file if
-        the program asked for that).  True for the first."""
-        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+    def _opened_removed(self, node: Node, flags: int, here: bool) -> bool:
+        """An open of a file removed since the kernel looked its name up (``here``: its object
+        was deleted by this mount, as when `rm f` and `echo foo > f` race).  A
+        program that truncates a file removed here opens it as an unlinked file, as on a
+        local file system where the unlink came just after the open: what it writes goes
+        nowhere (True).  Any other writer gets ESTALE, on which the kernel looks the name
+        up again and opens, or creates if asked to, what it names now; a reader finds the
+        file gone (ENOENT)."""
+        writing = flags & (os.O_WRONLY | os.O_RDWR)
+        if here and writing and flags & os.O_TRUNC:
             node.remote = False
             return True
-        writing = flags & (os.O_WRONLY | os.O_RDWR)
         raise FsError(errno.ESTALE if writing else errno.ENOENT, f"{node.path} was removed")
 
     async def _settle_pages(self, node: Node) -> None:

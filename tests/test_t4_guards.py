@@ -184,7 +184,7 @@ def test_concurrent_cat_rm_and_rewrite_of_the_same_names_never_fail(mnt: Any, s3
     gone (ENOENT), nothing else may fail (it was EIO: a reader's close dropped the spill an
     unlink was copying into); every name ends holding foo, in the mount and in the bucket."""
     names = [mnt.path / f"n{i}" for i in range(5)]
-    loop = "for i in $(seq 25); do cat \"$1\" >/dev/null; rm -f \"$1\"; echo foo > \"$1\"; done"
+    loop = "for i in $(seq 40); do cat \"$1\" >/dev/null; rm -f \"$1\"; echo foo > \"$1\"; done"
     procs = [subprocess.Popen(["sh", "-c", loop, "sh", str(names[j % 5])],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for j in range(10)]
@@ -198,6 +198,24 @@ def test_concurrent_cat_rm_and_rewrite_of_the_same_names_never_fail(mnt: Any, s3
         assert n.read_bytes() == b"foo\n"
         assert bucket_body(s3, bucket, n.name, key) == b"foo\n"
     assert not daemon_lines(mnt, "internal error")
+
+
+def test_a_file_another_client_deleted_is_written_again_at_once(mnt: Any, s3: Any,
+                                                               bucket: str, key: Key) -> None:
+    """`echo new > f` right after another client deleted f (the kernel still knows the
+    name, within attr_ttl): the file is created again, not "No such file"; `cat` of it in
+    that window says it is gone."""
+    for i in range(3):
+        f = mnt.path / f"f{i}"
+        f.write_bytes(b"old\n")
+        assert f.read_bytes() == b"old\n"
+        s3.delete_object(Bucket=bucket, Key=f.name)
+        if i == 0:
+            assert run("cat", f).returncode != 0
+        r = run("sh", "-c", f"echo new > {f}")
+        assert r.returncode == 0, r.stderr
+        assert f.read_bytes() == b"new\n"
+        assert bucket_body(s3, bucket, f.name, key) == b"new\n"
 
 
 # --- a full cache disk ----------------------------------------------------------------------
