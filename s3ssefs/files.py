@@ -897,7 +897,7 @@ class FileData:
         so the open handles keep reading the same bytes."""
         async with self.lock:
             await self._wait_parts()
-            if self.sent_only:
+            if self.sent_only and self.failed is None:  # (a failed file is never completed)
                 await self._complete_early()
             if self.base is not None:
                 for b in range(math.ceil(min(self.base_valid, self.size) / self.bs)):
