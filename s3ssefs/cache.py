@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 _OUR_FILE = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]+\.tmp)?|slots-[0-9a-f]{16}-[0-9]+")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 # slot files of blobs over 512 KiB (slots of 1 MiB and more) bypass the page cache; smaller ones
@@ -136,6 +136,30 @@ def _punch(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_space(path: Path) -> int:
+    """Bytes an unprivileged process may still write on ``path``'s file system."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_usage(path: Path) -> str:
+    """How full ``path``'s file system is, for a log line."""
+    try:
+        st = os.statvfs(path)
+    except OSError as e:
+        return f"size unknown: {e.strerror}"
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    return f"{_size(total - free)} of {_size(total)} used, {_size(free)} free"
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
@@ -173,6 +197,15 @@ class BlockCache:
                 removed += 1
         if removed:
             log.debug("removed %d cache files of an earlier mount", removed)
+        # the disk also holds what is written until it is uploaded (the spill), which has no
+        # other copy: a cache that could fill it would make writes fail, so it gets half
+        free = free_space(self.directory)
+        if max_bytes > free:
+            self.max_bytes = free // 2
+            log.warning("cache_size %s is more than the free space in %s (%s): the block "
+                        "cache uses at most %s, half of it, leaving the rest for written data "
+                        "waiting to be uploaded", _size(max_bytes), self.directory,
+                        disk_usage(self.directory), _size(self.max_bytes))
 
     @property
     def hits(self) -> int:
@@ -298,7 +331,7 @@ class BlockCache:
             self._io(_pwrite_all, fd, blob, offset)
             return True
         except OSError as exc:
-            if exc.errno not in _DISK_FULL:
+            if exc.errno not in DISK_FULL:
                 self._warn_once(exc)
                 return False
         with self._lock:  # make room for this block, then try once more
@@ -324,6 +357,14 @@ class BlockCache:
     def _stop_direct(self) -> None:
         with self._lock:
             self._buffered_io()
+
+    def free_up(self, nbytes: int) -> int:
+        """Evict least recently used blocks until ``nbytes`` of disk are free again (for
+        written data the disk is too full to hold); the bytes freed."""
+        with self._lock:
+            before = self._bytes_used
+            self._evict(before - nbytes)
+            return before - self._bytes_used
 
     def invalidate(self, object_id: str) -> None:
         """Drop every block of ``object_id``."""
@@ -415,7 +456,8 @@ class BlockCache:
                 return
             self._warned.add(code)
         log.warning(
-            "block cache in %s cannot store blocks (%s); reading on without caching them",
+            "block cache in %s cannot store blocks (%s; %s); reading on without caching them",
             self.directory,
             os.strerror(code) if code else exc,
+            disk_usage(self.directory),
         )

@@ -173,6 +173,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("boto3_only", parse_bool,
            "send every request through boto3 (no lean path for HEAD, GET and PUT)", flag=True),
     Option("sse", _sse, "encryption for writes: c (key file), s3 or kms:KEYID", metavar="MODE"),
+    Option("delete_unreadable", parse_bool,
+           "let unlink, rmdir and rename over a name delete objects no key of the mount opens "
+           "(refused by default: a wrong key file must not wipe a bucket)", flag=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 # The options of commands that talk to S3 without mounting (rekey, cleanup): the connection
@@ -225,6 +228,7 @@ class MountConfig:
     retry_interval: float = 30.0
     boto3_only: bool = False
     sse: str = "c"
+    delete_unreadable: bool = False
     # not an option: commands that send no SSE-C request (cleanup) run without a key file
     require_keyfile: bool = field(default=True, repr=False)
 
@@ -261,6 +265,9 @@ class MountConfig:
                               f"({self.block_size}): try part_size={hint}")
         if self.multipart_threshold < 1:
             raise ConfigError("multipart_threshold must be positive")
+        if self.part_size > 5 << 30 or self.multipart_threshold > 5 << 30:
+            raise ConfigError("part_size and multipart_threshold must be at most 5G (the "
+                              "largest part and single PUT S3 takes)")
         if self.ca_bundle is not None and not self.ca_bundle.is_file():
             raise ConfigError(f"ca_bundle {self.ca_bundle}: no such file")
 

@@ -43,6 +43,7 @@ import trio
 from s3ssefs import workers
 from s3ssefs.aio import gather
 from s3ssefs.blocks import BlockSource, Buf, ObjectRef
+from s3ssefs.cache import DISK_FULL, disk_usage
 from s3ssefs.crypto import CorruptBlock, LocalCipher
 from s3ssefs.errors import FsError
 from s3ssefs.http1 import Pieces
@@ -51,7 +52,7 @@ from s3ssefs.meta import CTIME, MTIME
 from s3ssefs.pages import KernelPages
 from s3ssefs.spill import Spill
 from s3ssefs.stats import Stats
-from s3ssefs.store import ObjectInfo, ObjectStore
+from s3ssefs.store import ObjectInfo, ObjectStore, max_object_size
 
 if TYPE_CHECKING:
     from s3ssefs.inodes import Node
@@ -147,9 +148,12 @@ class Ctx:
     part_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(PARTS_TOTAL))
     # blocks being written held by all files (WRITE_MEMORY in blocks of this mount's size)
     write_memory: WriteMemory = field(init=False)
+    # the largest file one object can hold with this part size: EFBIG past it
+    max_size: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.write_memory = WriteMemory(max(1, WRITE_MEMORY // self.block_size))
+        self.max_size = max_object_size(self.part_size)
         # what a write changed is tracked per part by block (FileData.part_gen): a block
         # across two parts would leave the second part's sent copy stale
         if self.part_size % self.block_size:
@@ -186,6 +190,10 @@ class _SentOnly(FsError):
         super().__init__(errno.EIO, f"block {block} is only in a part already sent")
 
 
+class WriteFailed(FsError):
+    """A write to this open file failed earlier (:meth:`FileData._fail`)."""
+
+
 class FileData:
     """The content of one open file, shared by all its handles."""
 
@@ -206,6 +214,9 @@ class FileData:
         self.upload: _Upload | None = None
         self.dirty = base is None  # a new file must be uploaded even if empty
         self.unlinked = False
+        # a write failed (see _fail): the content is never uploaded, and is dropped at close
+        self.failed: WriteFailed | None = None
+        self.closed = False  # close() has begun: work for the handles stops (detach_from_object)
         # open handles writing, or reading past the page cache (O_DIRECT): while there is
         # one, nothing fetched is handed to the kernel's page cache (see _publish)
         self.page_blockers = 0
@@ -445,7 +456,16 @@ class FileData:
 
     # ------------------------------------------------------------------ write
     async def write(self, off: int, data: bytes) -> int:
+        self._check_size(off + len(data))
+        try:
+            return await self._write(off, data)
+        except FsError as e:  # what the file holds now is not what was meant: see _fail
+            self._fail(e)
+            raise
+
+    async def _write(self, off: int, data: bytes) -> int:
         async with self.lock:
+            self._refuse_if_failed()
             n = len(data)
             end = off + n
             if off != self.size:
@@ -485,6 +505,26 @@ class FileData:
             await self._evict_mem()
             await self._stream_parts(end)
         return n
+
+    def _check_size(self, size: int) -> None:
+        """EFBIG for a size one object cannot hold (see :func:`~s3ssefs.store.max_object_size`),
+        before anything changes."""
+        if size > self.ctx.max_size:
+            raise FsError(errno.EFBIG, f"{self.node.path}: {size} bytes is more than one object "
+                          f"holds ({self.ctx.max_size})")
+
+    def _fail(self, e: FsError) -> None:
+        """A write returned an error: the program knows its file is not what it meant to write
+        (cp stops half-way through), so that content must never replace the object.  From now
+        on writes, truncates and flushes of this file fail, nothing is uploaded, the upload
+        under way is aborted when the last handle closes, and the object keeps its previous
+        content (the file system layer drops the changes then)."""
+        if self.failed is None:
+            self.failed = WriteFailed(e.errno, f"a write to {self.node.path} failed ({e})")
+
+    def _refuse_if_failed(self) -> None:
+        if self.failed is not None:
+            raise WriteFailed(self.failed.errno, self.failed.args[0])
 
     async def _block_locked(self, b: int) -> Buf:
         """Block ``b``'s content, with the file's lock held."""
@@ -547,16 +587,34 @@ class FileData:
 
     async def _spill_write(self, b: int, blk: Buf) -> None:
         self.ctx.stats.add("spill_blocks")
-        spill = self._ensure_spill()
         try:
-            # blk left self.mem: nothing changes it while the thread seals it
-            await workers.run_sync(spill.write_block, b, blk)
+            try:
+                await self._spill_write_once(b, blk)
+            except OSError as e:
+                # the disk is full: the block cache on it gives way to written data, which
+                # has no other copy (then one more try)
+                if e.errno not in DISK_FULL or not await workers.run_sync(
+                        self.ctx.source.cache.free_up, 2 * self.bs):
+                    raise
+                await self._spill_write_once(b, blk)
         except OSError as e:
             self.mem[b] = bytearray(blk)  # keep it: nothing acknowledged is dropped
+            if e.errno in DISK_FULL:
+                log.error("cache directory %s is full (%s): cannot keep what is written to "
+                          "s3://%s/%s until it is uploaded [%s]", self.ctx.spill_dir.parent,
+                          disk_usage(self.ctx.spill_dir), self.ctx.store.bucket,
+                          self.ctx.s3key(self.node.path), errno.errorcode[e.errno])
             raise FsError(e.errno or errno.EIO, f"spill write failed: {e.strerror}") from None
 
+    async def _spill_write_once(self, b: int, blk: Buf) -> None:
+        spill = self._ensure_spill()
+        # blk left self.mem: nothing changes it while the thread seals it
+        await workers.run_sync(spill.write_block, b, blk)
+
     async def truncate(self, new_size: int) -> None:
+        self._check_size(new_size)
         async with self.lock:
+            self._refuse_if_failed()
             await self._wait_parts()
             if new_size < self.size:
                 nb = math.ceil(new_size / self.bs)
@@ -703,7 +761,9 @@ class FileData:
         S3 does not have for sure (never sent, or its upload failed: then all of it is
         here) is sent first.  close() replaces that object with the whole file; if the file
         has been renamed or unlinked meanwhile, it is deleted.  Only a file read back or
-        rewritten where it was already sent, while it is still being written, pays this."""
+        rewritten where it was already sent, while it is still being written, pays this.
+        Never after a write failed: that would put a partial file in place of the object."""
+        self._refuse_if_failed()
         await self._wait_parts()
         if not self.sent_only:
             return
@@ -779,6 +839,7 @@ class FileData:
         async with self.lock:
             if not self.dirty or self.unlinked:
                 return
+            self._refuse_if_failed()
             await self._wait_parts()
             s3key = self.ctx.s3key(self.node.path)
             key = self.ctx.write_key()
@@ -938,10 +999,12 @@ class FileData:
         so the open handles keep reading the same bytes."""
         async with self.lock:
             await self._wait_parts()
-            if self.sent_only:
+            if self.sent_only and self.failed is None:  # (a failed file is never completed)
                 await self._complete_early()
             if self.base is not None:
                 for b in range(math.ceil(min(self.base_valid, self.size) / self.bs)):
+                    if self.closed:  # the last handle went meanwhile: nobody will read them
+                        break
                     if b not in self.local:
                         blk = (await self._blocks(b, b))[0]
                         await self._spill_write(b, blk)
@@ -963,6 +1026,13 @@ class FileData:
                                 version_id=info.version_id)
 
     async def close(self) -> None:
+        """Drop everything local, once whatever holds the lock (a flush, a detach) is done:
+        their work uses the spill this deletes."""
+        self.closed = True
+        async with self.lock:
+            await self._close_locked()
+
+    async def _close_locked(self) -> None:
         self.ctx.source.stream_ended(self)
         await self._abort_upload()
         if self.spill is not None:

@@ -28,7 +28,7 @@ from s3ssefs.aio import gather
 from s3ssefs.blocks import Buf, ObjectRef
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
-from s3ssefs.files import Ctx, FileData
+from s3ssefs.files import Ctx, FileData, WriteFailed
 from s3ssefs.inodes import MAX_CACHED_ENTRIES, ROOT, InodeTable, Listing, Node, check_name, join
 from s3ssefs.keyring import KeyRing
 from s3ssefs.meta import (
@@ -164,6 +164,7 @@ class Filesystem(pyfuse3.Operations):
         self._listed: OrderedDict[str, ListedOrder] = OrderedDict()  # by directory path
         self._heads: dict[str, trio.Event] = {}  # prefetch HEADs in flight, by path
         self._relisting: dict[str, trio.Event] = {}  # directories being listed again
+        self._removing: dict[int, trio.Event] = {}  # files being unlinked, by inode
         self._too_big: set[str] = set()  # directories found too large to list for lookups
         ctx.s3key = self.s3key
         ctx.write_key = lambda: keyring.current
@@ -240,12 +241,14 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.ENOENT, f"no such file: {path}")
         info = ObjectInfo(key=prefix, size=0, etag="", mtime=time.time())
         key = None
+        locked = False  # a marker no key opens: the directory stays usable, its marker stays
         if has_marker:
             try:
                 info, key = await self.view.head(path + "/", prefix)
             except FsError as e:
                 if e.errno not in (errno.EACCES, errno.ENOENT):
                     raise
+                locked = e.errno == errno.EACCES
         node = self.inodes.find(path)
         attrs = self._attrs(info, is_dir=True)
         if node is None or not node.is_dir:
@@ -253,6 +256,7 @@ class Filesystem(pyfuse3.Operations):
         else:
             node.attrs = attrs
         node.has_marker = has_marker
+        node.locked = locked
         node.sse_key = key
         node.metadata = info.metadata
         node.fetched = time.monotonic()
@@ -295,12 +299,20 @@ class Filesystem(pyfuse3.Operations):
         return node
 
     def _locked_node(self, path: str, hint: tuple[bool, int, str, float]) -> Node:
-        attrs = attrs_from_object({}, hint[1], hint[3], is_dir=False, default_uid=self.cfg.uid,
-                                  default_gid=self.cfg.gid, umask=self.cfg.umask)
+        """A node for an object no key of the mount opens: size and time from the listing,
+        owner from the mount's defaults, and no permission bits at all (mode 0000), since
+        its real mode is in metadata only its key reveals; a regular file, unless it was
+        known as something else (a symlink) before."""
         node = self.inodes.find(path)
-        if node is None:
+        known = node is not None and not node.is_dir
+        kind = stat.S_IFMT(node.attrs.mode) if node is not None and known else stat.S_IFREG
+        mtime = int(hint[3] * 1e9)
+        attrs = Attrs(mode=kind, uid=self.cfg.uid, gid=self.cfg.gid, size=hint[1],
+                      mtime_ns=mtime, ctime_ns=mtime)
+        if node is None or not known:
             node = self.inodes.create(path, attrs)
         node.attrs = attrs
+        node.sse_key = None
         node.etag = hint[2]
         node.locked = True
         node.fetched = time.monotonic()
@@ -567,7 +579,9 @@ class Filesystem(pyfuse3.Operations):
         server-side (or re-PUT a small object)."""
         if node.data is not None and node.data.dirty:
             return  # the upload at flush carries the new attributes
-        if not node.remote:
+        if not node.remote or node.ino == ROOT:
+            # the root has no object of its own (its key would be the bucket's URL, or the
+            # prefix another mount may share): its attributes are the mount point's, in memory
             return
         meta = self.metadata(node)
         if node.is_dir:
@@ -610,12 +624,32 @@ class Filesystem(pyfuse3.Operations):
         data = node.data
         if data is None or node.open_count > 0:
             return
-        if data.dirty and not data.unlinked:
+        if data.dirty and not data.unlinked and data.failed is None:
             return  # kept for retry; flush_all tries again
         node.data = None
         # what the kernel's pages hold now: the content as it stands in S3 (flushed)
         node.page_id = (node.etag, node.attrs.size) if node.remote else None
+        if data.failed is not None and data.dirty and not data.unlinked:
+            self._drop_changes(node, data.failed)
         await data.close()
+
+    def _drop_changes(self, node: Node, why: FsError) -> None:
+        """The last handle of a file whose write failed has closed: its changes are dropped
+        (FileData._fail), and it is again what S3 holds, if anything."""
+        if node.remote:
+            log.error("s3://%s/%s keeps its previous content: the changes made to it are "
+                      "dropped, as %s", self.store.bucket, self.s3key(node.path), why.args[0])
+            node.page_id = None
+            node.fetched = 0.0  # its attributes come from S3 again
+            try:  # attributes only, no writeback cache: does not block
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as e:
+                log.debug("could not invalidate attributes of %s: %s", node.path, e)
+        else:
+            log.error("s3://%s/%s is not created, as %s", self.store.bucket,
+                      self.s3key(node.path), why.args[0])
+            self.inodes.listing_remove(node.path)
+            self.inodes.detach(node)
 
     # ------------------------------------------------------------------ directories
     @_fuse_errors
@@ -799,6 +833,7 @@ class Filesystem(pyfuse3.Operations):
         if not node.is_dir:
             raise FsError(errno.ENOTDIR, node.path)
         await self._check_empty(node)
+        self._guard_unreadable(node, "delete")
         prefix = self.dirkey(node.path)
         try:
             await self.store.delete(prefix)
@@ -826,6 +861,9 @@ class Filesystem(pyfuse3.Operations):
         self._check_writable()
         parent = self.inodes.get(parent_inode)
         path = self._child(parent, name)
+        known = self.inodes.find(path)
+        if known is not None:  # an object the kernel has not heard of yet (or no longer)
+            self._guard_unreadable(known, "replace")
         now = _now_ns()
         attrs = Attrs(mode=stat.S_IFREG | stat.S_IMODE(mode), uid=ctx.uid,
                       gid=self._new_gid(parent, ctx), size=0, mtime_ns=now, ctime_ns=now)
@@ -849,10 +887,25 @@ class Filesystem(pyfuse3.Operations):
         writing = flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC
         if writing:
             self._check_writable()
+        orphan = False  # removed since the kernel looked the name up: see _opened_removed
+        removing = self._removing.get(inode)
+        if removing is not None:  # an unlink of it is under way: its object is going
+            await removing.wait()
+        if node.data is None and self.inodes.find(node.path) is not node:
+            orphan = self._opened_removed(node, flags, here=not node.remote)
         # close-to-open: look at S3 again, unless the lookup that led here just did
         just_probed, node.just_probed = node.just_probed, False
-        if node.data is None and node.remote and not just_probed and self.cfg.as_of is None:
-            await self._revalidate(node)
+        if node.data is None and node.remote and not just_probed and not orphan \
+                and self.cfg.as_of is None:
+            try:
+                await self._revalidate(node)
+            except FsError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                here = inode in self._removing or not node.remote
+                self.inodes.listing_remove(node.path)  # gone: the name no longer means it
+                self.inodes.detach(node)
+                orphan = self._opened_removed(node, flags, here)
         if node.locked:
             log.warning("no key opens s3://%s/%s [EACCES]", self.store.bucket,
                         self.s3key(node.path))
@@ -863,7 +916,8 @@ class Filesystem(pyfuse3.Operations):
         keep = node.data is not None or (node.remote and
                                          node.page_id == (node.etag, node.attrs.size))
         if node.data is None:
-            node.data = FileData(self.ctx, node, self._base_ref(node))
+            node.data = FileData(self.ctx, node, None if orphan else self._base_ref(node))
+            node.data.unlinked = orphan
         data = node.data
         node.open_count += 1
         blocks_pages = bool(writing or flags & os.O_DIRECT)
@@ -888,6 +942,20 @@ class Filesystem(pyfuse3.Operations):
         if blocks_pages:
             self.page_blockers.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=bool(keep))
+
+    def _opened_removed(self, node: Node, flags: int, here: bool) -> bool:
+        """An open of a file removed since the kernel looked its name up (``here``: its object
+        was deleted by this mount, as when `rm f` and `echo foo > f` race).  A
+        program that truncates a file removed here opens it as an unlinked file, as on a
+        local file system where the unlink came just after the open: what it writes goes
+        nowhere (True).  Any other writer gets ESTALE, on which the kernel looks the name
+        up again and opens, or creates if asked to, what it names now; a reader finds the
+        file gone (ENOENT)."""
+        writing = flags & (os.O_WRONLY | os.O_RDWR)
+        if here and writing and flags & os.O_TRUNC:
+            node.remote = False
+            return True
+        raise FsError(errno.ESTALE if writing else errno.ENOENT, f"{node.path} was removed")
 
     async def _settle_pages(self, node: Node) -> None:
         """Wait until no fetched data is on its way into the kernel's pages of ``node``."""
@@ -925,6 +993,8 @@ class Filesystem(pyfuse3.Operations):
             return
         try:
             await data.flush()
+        except WriteFailed:
+            raise  # reported when the write failed, and when the changes are dropped
         except FsError as e:
             log.error("upload of s3://%s/%s failed, data kept locally for retry: %s",
                       self.store.bucket, self.s3key(node.path), e)
@@ -953,21 +1023,44 @@ class Filesystem(pyfuse3.Operations):
         node = await self._lookup(parent, check_name(name))
         if node.is_dir:
             raise FsError(errno.EISDIR, node.path)
+        self._guard_unreadable(node, "delete")
         await self._remove_file(node)
 
+    def _guard_unreadable(self, node: Node, what: str) -> None:
+        """EACCES for deleting or replacing an object no key of this mount opens (a wrong key
+        file must not be able to wipe a bucket), unless the mount was told it may
+        (delete_unreadable).  Renaming one is never possible: copying it needs its key."""
+        if not node.locked or node.ino == ROOT:
+            return
+        s3key = self.dirkey(node.path) if node.is_dir else self.s3key(node.path)
+        if self.cfg.delete_unreadable and what != "rename":
+            log.warning("%s s3://%s/%s, which no key of this mount opens (delete_unreadable)",
+                        "deleting" if what == "delete" else "replacing", self.store.bucket,
+                        s3key)
+            return
+        hint = "" if what == "rename" else "; the option delete_unreadable allows it"
+        log.warning("refusing to %s s3://%s/%s: no key of this mount opens it (tried %s)%s "
+                    "[EACCES]", what, self.store.bucket, s3key, self.keyring.tried(s3key), hint)
+        raise FsError(errno.EACCES, f"no key opens {node.path}")
+
     async def _remove_file(self, node: Node) -> None:
-        if node.data is not None:
-            await node.data.detach_from_object()
-        if node.remote:
-            try:
-                await self.store.delete(self.s3key(node.path))
-            except FsError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-        node.remote = False
-        self.keyring.forget(self.s3key(node.path))
-        self.inodes.listing_remove(node.path)
-        self.inodes.detach(node)
+        done = self._removing[node.ino] = trio.Event()  # see open
+        try:
+            if node.data is not None:
+                await node.data.detach_from_object()
+            if node.remote:
+                try:
+                    await self.store.delete(self.s3key(node.path))
+                except FsError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+            node.remote = False
+            self.keyring.forget(self.s3key(node.path))
+            self.inodes.listing_remove(node.path)
+            self.inodes.detach(node)
+        finally:
+            del self._removing[node.ino]
+            done.set()
 
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -981,6 +1074,7 @@ class Filesystem(pyfuse3.Operations):
         new_path = self._child(new_parent, name_new)
         if new_path == node.path:
             return
+        self._guard_unreadable(node, "rename")
         if node.is_dir and (new_path + "/").startswith(node.path + "/"):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         try:
@@ -998,6 +1092,7 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.EISDIR, new_path)
             if target.is_dir:
                 await self._check_empty(target)
+            self._guard_unreadable(target, "replace")
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
@@ -1047,15 +1142,24 @@ class Filesystem(pyfuse3.Operations):
         if target is not None and target.has_marker:
             await self.store.delete(new_prefix)
 
+        heads: dict[str, tuple[ObjectInfo, Any]] = {}
+
+        async def head_one(o: ObjectInfo) -> None:
+            heads[o.key] = await self.keyring.head(o.key[len(self.cfg.prefix):], o.key)
+
         async def move_one(o: ObjectInfo) -> None:
-            rel = o.key[len(self.cfg.prefix):]
-            info, key = await self.keyring.head(rel, o.key)
+            info, key = heads.pop(o.key)
             dst = new_prefix + o.key[len(old_prefix):]
             await self.store.copy(o.key, dst, key, key, info.metadata, o.size)
             await self.store.delete(o.key)
             self.keyring.rename(o.key, dst)
 
         async for page in self.store.list_pages(old_prefix, delimiter=None):
+            # every object of the page is opened first: one no key opens (EACCES, logged
+            # with the fingerprints tried) stops the move before any of them is copied
+            heads.clear()
+            await gather((functools.partial(head_one, o) for o in page.objects),
+                         limit=self.cfg.max_requests)
             await gather((functools.partial(move_one, o) for o in page.objects),
                          limit=self.cfg.max_requests)
         self.inodes.move(node, new_path)
@@ -1220,7 +1324,8 @@ class Filesystem(pyfuse3.Operations):
         """Upload every dirty file; the paths that could not be uploaded."""
         failed = []
         for node in list(self.inodes.by_ino.values()):
-            if node.data is not None and node.data.dirty and not node.data.unlinked:
+            if node.data is not None and node.data.dirty and not node.data.unlinked \
+                    and node.data.failed is None:
                 try:
                     await self._flush_node(node)
                 except FsError:

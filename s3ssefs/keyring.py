@@ -49,6 +49,8 @@ class KeyRing:
         self.store = store
         self._path = state_dir / "learned.json" if state_dir else None
         self._learned: dict[str, tuple[str, str]] = {}  # s3 key → (key id, etag)
+        # s3 key → the fingerprints tried on it, for objects no key opens (in memory only)
+        self._refused: dict[str, str] = {}
         self._lock = threading.Lock()
         self._dirty = False
         if self._path and self._path.exists():
@@ -76,12 +78,19 @@ class KeyRing:
     def learn(self, s3key: str, key: Key | None, etag: str) -> None:
         kid = key.id if key else PLAIN
         with self._lock:
+            self._refused.pop(s3key, None)
             if self._learned.get(s3key) != (kid, etag):
                 self._learned[s3key] = (kid, etag)
                 self._dirty = True
 
+    def tried(self, s3key: str) -> str:
+        """The fingerprints :meth:`head` last tried on ``s3key`` when none opened it."""
+        with self._lock:
+            return self._refused.get(s3key, "every key of the mount")
+
     def forget(self, s3key: str) -> None:
         with self._lock:
+            self._refused.pop(s3key, None)
             if self._learned.pop(s3key, None) is not None:
                 self._dirty = True
 
@@ -179,6 +188,8 @@ class KeyRing:
                     continue
                 raise
             return info, self._opened(s3key, key, info, len(tried))
+        with self._lock:
+            self._refused[s3key] = ", ".join(tried)
         log.warning("no key opens s3://%s/%s (tried %s) [EACCES]", self.store.bucket, s3key,
                     ", ".join(tried))
         raise FsError(errno.EACCES, f"no key opens s3://{self.store.bucket}/{s3key}")

@@ -75,6 +75,13 @@ T = TypeVar("T")
 MIN_PART = 5 << 20
 BULK_GET = 1 << 20  # a GET at least this large streams a body (how many at once: streams.py)
 MAX_SINGLE_COPY = 5 << 30
+MAX_PARTS = 10_000  # parts of one multipart upload
+MAX_OBJECT = 5 << 40  # the largest object S3 stores
+
+
+def max_object_size(part_size: int) -> int:
+    """The largest file a mount writing parts of ``part_size`` can store as one object."""
+    return min(MAX_PARTS * part_size, MAX_OBJECT)
 
 
 @dataclass
@@ -243,6 +250,17 @@ def _retryable(e: BaseException) -> bool:
     return isinstance(e, BotoCoreError | HTTPError | OSError)
 
 
+def _check_object_key(kw: dict[str, Any], what: str) -> None:
+    """Refuse a request about an object whose key is empty: it would name the bucket itself
+    (a PUT there creates the bucket, a DELETE removes it).  No caller means that; it is a
+    bug, stopped here before anything is sent."""
+    source = kw.get("CopySource")
+    if ("Key" in kw and not kw["Key"]) or (isinstance(source, dict) and not source.get("Key")):
+        log.error("%s: refusing a request with an empty object key (it would name the bucket)",
+                  what)
+        raise FsError(errno.EINVAL, f"{what}: empty object key")
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, Retry):
         return str(e)
@@ -369,6 +387,7 @@ class ObjectStore:
         spent: a server restarting for a few seconds costs a pause, not an EIO.  botocore's
         own retries are off (its retry allowance, shared by the client, ran dry during an
         outage and left later requests with none)."""
+        _check_object_key(kw, what)
         limit = self.cfg.request_timeout if timeout is None else timeout
         deadline = trio.current_time() + limit
         delay = RETRY_FIRST
@@ -486,6 +505,8 @@ class ObjectStore:
         answered within ``request_timeout``: EIO for those left."""
         wire = self.wire
         assert wire is not None
+        for key, _ in items:
+            _check_object_key({"Key": key}, self._what("HEAD", key))
 
         def run() -> list[ObjectInfo | FsError]:
             out: list[ObjectInfo | FsError] = []

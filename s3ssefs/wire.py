@@ -173,6 +173,8 @@ class WireClient:
     def _send(self, method: str, key: str | None, query: str, headers: dict[str, str], body: Body,
               op: str, ok_statuses: tuple[int, ...] = (200, 204, 206),
               ) -> tuple[int, dict[str, str], bytearray]:
+        if key == "":  # the bucket's own URL: never meant for an object (see the store)
+            raise ValueError(f"{op} with an empty object key")
         path = self._root if key is None else f"{self._root}/{quote(key.encode(), safe='/~')}"
         target = f"{path}?{query}" if query else path
         req_headers = dict(headers)

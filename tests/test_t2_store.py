@@ -1180,3 +1180,22 @@ def test_lean_transport_refuses_a_server_it_does_not_trust(rgw) -> None:
     answer = trusting.request("GET", "/", [("Host", parts.netloc)])  # anonymous ListBuckets
     assert answer.status == 200 and b"ListAllMyBucketsResult" in answer.body
     trusting.close()
+
+
+@pytest.mark.allow_warnings  # each refusal is logged as the bug it would be
+async def test_no_request_with_an_empty_object_key_is_ever_built(rgw, bucket, s3, key) -> None:
+    """An empty object key names the bucket itself (a PUT there is CreateBucket, a DELETE
+    removes it): the store refuses every such request, on both paths, before sending it."""
+    store = make_store(rgw, bucket)
+    calls = [store.put("", b"x", key), store.delete(""), store.head("", key),
+             store.get_range("", 0, 10, key), store.create_multipart("", key),
+             store.copy("", "dst", key, key, {}, 10), store.copy("src", "", key, key, {}, 10)]
+    for call in calls:
+        with pytest.raises(FsError) as ei:
+            await call
+        assert "empty object key" in str(ei.value)
+    with pytest.raises(FsError):
+        await store.head_many([("", key)])
+    assert store.stats.snapshot().get("requests", {}) == {}
+    s3.head_bucket(Bucket=bucket)
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
