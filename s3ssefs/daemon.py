@@ -7,8 +7,8 @@ line and a non-zero exit instead of a mount point that answers EIO.  SIGTERM, SI
 ``s3ssefs umount`` all flush every dirty file and then unmount; if some file cannot be
 uploaded, ``umount`` reports it and the mount stays so nothing is lost.
 
-A running mount registers itself in the runtime directory (``/run/s3ssefs`` for root) with
-its PID and a unix socket that answers ``stats`` and ``umount``; the socket is mode 0600.
+A running mount registers itself in the runtime directory (:mod:`s3ssefs.runtime`) with a
+unix socket (mode 0600) that answers ``stats``, ``info`` and ``umount``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,14 @@ from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import KeyFile
 from s3ssefs.pages import KernelPages
+from s3ssefs.runtime import (
+    Refused,
+    check_runtime_dir,
+    control,
+    mount_id,
+    registry_path,
+    write_private,
+)
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
 from s3ssefs.view import AsOfView, LiveView
@@ -82,22 +89,6 @@ def tune_malloc() -> None:
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
         libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP)
         libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_FROM)
-
-
-def runtime_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/s3ssefs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "s3ssefs" if xdg else Path(f"/tmp/s3ssefs-{os.getuid()}")
-
-
-def mount_id(mountpoint: Path) -> str:
-    """Stable id of a mount point; never called on a path we are serving (it stats it)."""
-    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-
-
-def registry_path(mountpoint: Path) -> Path:
-    return runtime_dir() / f"{mount_id(mountpoint)}.json"
 
 
 def default_cache_dir() -> Path:
@@ -277,7 +268,7 @@ class Mount:
                     continue
 
     async def _control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sock_path = runtime_dir() / f"{self.id}.sock"
+        sock_path = check_runtime_dir(create=True) / f"{self.id}.sock"
         sock_path.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
@@ -299,6 +290,8 @@ class Mount:
                     fastest = self.store.fastest_answer()
                     if fastest is not None:
                         reply["server_answer_us"] = round(fastest * 1e6)
+                elif cmd == "info":
+                    reply = self.info()
                 elif cmd == "umount":
                     reply = {"failed": await self._stop()}
                 else:
@@ -311,27 +304,16 @@ class Mount:
         await preflight(self.store, self.cfg)
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
         self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
-        registry = runtime_dir() / f"{self.id}.json"
+        registry = check_runtime_dir(create=True) / f"{self.id}.json"
         try:
             async with trio.open_nursery() as n:
                 self.ctx.nursery = n
                 self.ctx.source.nursery = n
                 sock_path = await n.start(self._control)
-                # what umount, stats and presign learn about this mount: the key file's
-                # path, never a key
-                cfg = self.cfg
-                registry.write_text(json.dumps({
+                # for people and scripts; commands ask the daemon itself (runtime.control)
+                write_private(registry, json.dumps({
                     "pid": os.getpid(), "mountpoint": str(self.mountpoint),
-                    "socket": str(sock_path), "bucket": cfg.bucket_path,
-                    "bucket_name": cfg.bucket, "prefix": cfg.prefix, "endpoint": cfg.endpoint,
-                    "region": cfg.region, "profile": cfg.profile,
-                    **{name: str(p.expanduser().resolve()) if p is not None else None
-                       for name, p in (("credentials_file", cfg.credentials_file),
-                                       ("ca_bundle", cfg.ca_bundle),
-                                       ("keyfile", cfg.keyfile if cfg.sse == "c" else None))},
-                    "allow_http": cfg.allow_http, "sse": cfg.sse,
-                    "read_only": cfg.read_only,
-                    "as_of": cfg.as_of.isoformat() if cfg.as_of else None}))
+                    "socket": str(sock_path), "bucket": self.cfg.bucket_path}))
                 n.start_soon(self._signals)
                 n.start_soon(self.fs.retry_loop, max(0.1, self.cfg.retry_interval))
                 n.start_soon(self._announce, ready_fd)
@@ -343,7 +325,7 @@ class Mount:
         finally:
             pyfuse3.close(unmount=True)
             registry.unlink(missing_ok=True)
-            (runtime_dir() / f"{self.id}.sock").unlink(missing_ok=True)
+            registry.with_suffix(".sock").unlink(missing_ok=True)
             self.keyring.save()
             self.cache.close()
         if self.failed:
@@ -351,6 +333,21 @@ class Mount:
                       ", ".join(self.failed))
             return 1
         return 0
+
+    def info(self) -> dict[str, Any]:
+        """What ``s3ssefs presign`` needs to know of this mount: the key file's path, never a
+        key."""
+        cfg = self.cfg
+        return {
+            "mountpoint": str(self.mountpoint), "bucket": cfg.bucket_path,
+            "bucket_name": cfg.bucket, "prefix": cfg.prefix, "endpoint": cfg.endpoint,
+            "region": cfg.region, "profile": cfg.profile,
+            **{name: str(p.expanduser().resolve()) if p is not None else None
+               for name, p in (("credentials_file", cfg.credentials_file),
+                               ("ca_bundle", cfg.ca_bundle),
+                               ("keyfile", cfg.keyfile if cfg.sse == "c" else None))},
+            "allow_http": cfg.allow_http, "sse": cfg.sse, "read_only": cfg.read_only,
+            "as_of": cfg.as_of.isoformat() if cfg.as_of else None}
 
     async def _announce(self, ready_fd: int | None) -> None:
         """Tell the parent / systemd the mount is up once it answers a stat."""
@@ -400,7 +397,7 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if not cfg.mountpoint.is_dir():
             what = "is not a directory" if cfg.mountpoint.exists() else "does not exist"
             raise MountError(f"mount point {cfg.mountpoint} {what}")
-        runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_runtime_dir(create=True)
         mount = Mount(cfg, keyfile)
         return trio.run(mount.run, ready_fd)
     except MountError as e:
@@ -433,32 +430,10 @@ def registered_pid(mountpoint: Path) -> int | None:
     """PID of the live daemon serving ``mountpoint`` (it answers its socket), or None."""
     try:
         return int(control(mountpoint, "stats", timeout=30)["pid"])
+    except Refused:
+        raise
     except (MountError, ValueError, KeyError, TypeError):
         return None
-
-
-def control(mountpoint: Path, command: str, timeout: float = 3600.0) -> dict[str, Any]:
-    """Send one command to a running mount's control socket."""
-    reg = registry_path(mountpoint)
-    if not reg.exists():
-        raise MountError(f"no s3ssefs mount is registered on {mountpoint}")
-    info = json.loads(reg.read_text())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(info["socket"])
-            s.sendall(command.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        except OSError as e:
-            raise MountError(f"the mount on {mountpoint} does not answer: {e}") from None
-    reply: dict[str, Any] = json.loads(buf)
-    reply["pid"] = info["pid"]
-    return reply
 
 
 def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
@@ -466,6 +441,8 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
     mountpoint = Path(os.path.realpath(mountpoint))
     try:
         reply = control(mountpoint, "umount", timeout)
+    except Refused:
+        raise
     except MountError as e:
         # no live daemon: maybe a stale mount left by a killed one, but never anything else
         fstype = mounted_fstype(mountpoint)
