@@ -56,6 +56,7 @@ from s3ssefs.view import AsOfView, LiveView
 
 log = logging.getLogger(__name__)
 PR_SET_DUMPABLE = 4
+RELEASE_GRACE = 2.0  # seconds umount waits for the RELEASE of files just closed
 
 
 def harden_process() -> None:
@@ -256,6 +257,29 @@ class Mount:
             pyfuse3.terminate()
         return []
 
+    def _open_paths(self) -> list[str]:
+        return sorted({"/" + n.path for n in self.fs.handles.values()}
+                      | {"/" + h.node.path for h in self.fs.dirs.values()})
+
+    async def _umount(self) -> dict[str, list[str]]:
+        """``s3ssefs umount``: flush everything, then unmount unless a program still has a
+        file or directory open (as umount(8) refuses a busy filesystem): then the data is
+        uploaded and the mount stays."""
+        failed = await self.fs.flush_all()
+        if failed:
+            log.error("could not upload %d file(s), mount kept: %s", len(failed),
+                      ", ".join(failed))
+            return {"failed": failed}
+        # a close(2) returns before the kernel's RELEASE reaches us: give those a moment
+        with trio.move_on_after(RELEASE_GRACE):
+            while self._open_paths():
+                await trio.sleep(RELEASE_GRACE / 20)
+        busy = self._open_paths()
+        if busy:
+            log.info("umount refused: %d open: %s", len(busy), ", ".join(busy))
+            return {"failed": [], "busy": busy}
+        return {"failed": await self._stop()}
+
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
@@ -293,7 +317,7 @@ class Mount:
                 elif cmd == "info":
                     reply = self.info()
                 elif cmd == "umount":
-                    reply = {"failed": await self._stop()}
+                    reply = await self._umount()
                 else:
                     reply = {"error": f"unknown command {cmd!r}"}
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -374,6 +398,24 @@ def clear_stale_mount(mountpoint: Path) -> None:
                            capture_output=True)
 
 
+def prepare(cfg: MountConfig) -> KeyFile | None:
+    """The checks before a mount that need no server: key file, mount point, runtime
+    directory, no other s3ssefs on the mount point.  Run by the command in the foreground
+    (so each mistake is one line on the terminal) and again by the daemon."""
+    assert cfg.mountpoint is not None
+    keyfile = load_keys(cfg)
+    clear_stale_mount(cfg.mountpoint)
+    pid = registered_pid(cfg.mountpoint)
+    if pid is not None:
+        raise MountError(f"{cfg.mountpoint} is already mounted by s3ssefs (pid {pid}); "
+                         "run s3ssefs umount first")
+    if not cfg.mountpoint.is_dir():
+        what = "is not a directory" if cfg.mountpoint.exists() else "does not exist"
+        raise MountError(f"mount point {cfg.mountpoint} {what}")
+    check_runtime_dir(create=True)
+    return keyfile
+
+
 def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
     assert cfg.mountpoint is not None
@@ -388,22 +430,16 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return 1
 
     try:
-        keyfile = load_keys(cfg)
-        clear_stale_mount(cfg.mountpoint)
-        pid = registered_pid(cfg.mountpoint)
-        if pid is not None:
-            raise MountError(f"{cfg.mountpoint} is already mounted by s3ssefs (pid {pid}); "
-                             "run s3ssefs umount first")
-        if not cfg.mountpoint.is_dir():
-            what = "is not a directory" if cfg.mountpoint.exists() else "does not exist"
-            raise MountError(f"mount point {cfg.mountpoint} {what}")
-        check_runtime_dir(create=True)
+        keyfile = prepare(cfg)
         mount = Mount(cfg, keyfile)
         return trio.run(mount.run, ready_fd)
     except MountError as e:
         return fail(str(e))
     except RuntimeError as e:  # pyfuse3.init: mount refused by the kernel
         return fail(f"cannot mount on {cfg.mountpoint}: {e}")
+    except Exception as e:  # a bug: say so in one line, with the details in the log
+        log.exception("unexpected error before or while mounting")
+        return fail(f"unexpected error: {type(e).__name__}: {e}")
 
 
 def mounted_fstype(mountpoint: Path) -> str | None:
@@ -460,6 +496,11 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
     if reply.get("failed"):
         raise MountError(f"could not upload {len(reply['failed'])} file(s), still mounted: "
                          + ", ".join(reply["failed"]))
+    if reply.get("busy"):
+        busy = reply["busy"]
+        raise MountError(f"{mountpoint} is busy: {len(busy)} file(s) or directories open "
+                         f"({', '.join(busy[:5])}{', …' if len(busy) > 5 else ''}); their data "
+                         "is uploaded, the mount stays (close them, or use umount -l)")
     # the daemon unmounts and exits once flushed: wait for its exit, not a guess
     try:
         pidfd = os.pidfd_open(int(reply["pid"]))
