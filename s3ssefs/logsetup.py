@@ -71,7 +71,7 @@ def escape_controls(text: str) -> str:
 
 class RedactingFilter(logging.Filter):
     """Formats the record once, redacts it, escapes its control characters, and freezes the
-    result into ``msg`` (a traceback keeps its line breaks, each line escaped)."""
+    result into ``msg`` (a traceback keeps its line breaks, each line escaped and indented)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -81,8 +81,11 @@ class RedactingFilter(logging.Filter):
         record.msg = escape_controls(redact(message))
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
+            # indented, so no line of it (an exception text may quote a name) passes for a
+            # record of its own
             text = redact(logging.Formatter().formatException(record.exc_info))
-            record.exc_text = "\n".join(escape_controls(line) for line in text.split("\n"))
+            record.exc_text = "\n".join("  | " + escape_controls(line)
+                                         for line in text.split("\n"))
             record.exc_info = None
         return True
 
