@@ -621,7 +621,7 @@ class KeyFile:
                     raw = b64decode_standard(text)
                 except ValueError as e:
                     raise KeyFileError(
-                        f"{where}: neither a {KEY_BYTES}-character key nor base64 ({e})"
+                        f"{where}: neither a {KEY_BYTES}-character key nor valid base64 ({e})"
                     ) from None
                 if len(raw) != KEY_BYTES:
                     raise KeyFileError(
