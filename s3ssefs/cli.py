@@ -20,7 +20,7 @@ from s3ssefs import __version__
 from s3ssefs.config import OPTIONS, ConfigError, MountConfig, split_o_options
 from s3ssefs.errors import MountError
 from s3ssefs.keys import KeyFile, KeyFileError, b64decode_standard
-from s3ssefs.logsetup import escape_controls, open_log_file, setup_logging, syslog_available
+from s3ssefs.logsetup import escape_controls, open_log_file, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -179,32 +179,15 @@ def _logging(cfg: MountConfig, *, foreground: bool) -> None:
         raise MountError(f"cannot open log file {cfg.log_file}: {e.strerror}") from None
 
 
-def _daemon_log(cfg: MountConfig, values: dict[str, str]) -> Path | None:
-    """Where the daemon will log: the log_file option; else syslog; else, when no syslog
-    listens, a file in the cache directory (said on the terminal)."""
-    if cfg.log_file is not None:
-        return cfg.log_file
-    if syslog_available():
-        return None
-    from s3ssefs.daemon import default_cache_dir
-    from s3ssefs.runtime import mount_id
-
-    assert cfg.mountpoint is not None
-    state = (cfg.cache_dir or default_cache_dir()).expanduser() / mount_id(cfg.mountpoint)
-    try:
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise MountError(f"cannot create {state} for the daemon's log: {e.strerror}") from None
-    path = state / "daemon.log"
-    values["log_file"] = str(path)
-    return path
-
-
 def _spawn_daemon(cfg: MountConfig, bucket: str, values: dict[str, str]) -> int:
     """Start the daemon in its own session and wait until the mount answers (or fails)."""
     assert cfg.mountpoint is not None
+    from s3ssefs.daemon import background_log_file
+
     values = dict(values)
-    log_file = _daemon_log(cfg, values)
+    log_file = background_log_file(cfg)
+    if log_file is not None:
+        values["log_file"] = str(log_file)
     r, w = os.pipe()
     opts = ",".join(f"{k}={v}" for k, v in values.items() if "," not in v)
     argv = [sys.executable, "-m", "s3ssefs", "mount", bucket, str(cfg.mountpoint),

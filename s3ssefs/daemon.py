@@ -41,6 +41,7 @@ from s3ssefs.files import Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import KeyFile
+from s3ssefs.logsetup import escape_controls, syslog_available
 from s3ssefs.pages import KernelPages
 from s3ssefs.runtime import (
     Refused,
@@ -99,6 +100,23 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "s3ssefs"
+
+
+def background_log_file(cfg: MountConfig) -> Path | None:
+    """Where a daemon in the background logs: the log_file option; else the system log
+    (None); else, when no syslog listens on /dev/log, ``daemon.log`` in the mount's
+    directory of the cache (made here, mode 0700, as :class:`Mount` makes it)."""
+    if cfg.log_file is not None:
+        return cfg.log_file
+    if syslog_available():
+        return None
+    assert cfg.mountpoint is not None
+    state = (cfg.cache_dir or default_cache_dir()).expanduser() / mount_id(cfg.mountpoint)
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise MountError(f"cannot create {state} for the daemon's log: {e.strerror}") from None
+    return state / "daemon.log"
 
 
 def sd_notify(message: str) -> None:
@@ -426,7 +444,7 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.error("%s", msg)
         if ready_fd is not None:
             with contextlib.suppress(OSError):
-                os.write(ready_fd, f"ERR {msg}\n".encode())
+                os.write(ready_fd, f"ERR {escape_controls(msg)}\n".encode())
         return 1
 
     try:
