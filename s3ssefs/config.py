@@ -17,11 +17,11 @@ import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import botocore.session
-from botocore.exceptions import BotoCoreError, ProfileNotFound
+if TYPE_CHECKING:
+    import botocore.session
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,8 @@ class MountConfig:
         ``AWS_CA_BUNDLE`` or the profile's), the profile, and whether any credentials are
         found.  Local checks only (plus the instance-metadata lookup boto3 itself would make),
         run in the foreground before a mount, so a mistake is one line, not a dead daemon."""
+        from botocore.exceptions import BotoCoreError, ProfileNotFound
+
         env_ca = os.environ.get("AWS_CA_BUNDLE")
         if self.ca_bundle is None and env_ca is not None:
             if not env_ca.strip():
@@ -377,6 +379,8 @@ def botocore_session(cfg: MountConfig) -> botocore.session.Session:
     A credentials file named by the option is where the credentials come from: the
     ``AWS_ACCESS_KEY_ID`` variables, which botocore would otherwise try first, are not used.
     """
+    import botocore.session  # not at import: the key commands have no use for it
+
     bs = botocore.session.Session(profile=cfg.profile)
     if cfg.credentials_file is not None:
         bs.set_config_variable("credentials_file", str(cfg.credentials_file))
