@@ -84,6 +84,8 @@ def victim(rgw: Rgw) -> Iterator[Victim]:
             if os.path.ismount(p):
                 subprocess.run(["umount", "-l", str(p)], check=False)
         shutil.rmtree(home, ignore_errors=True)
+        if v.runtime.is_symlink():
+            v.runtime.unlink()
         shutil.rmtree(v.runtime, ignore_errors=True)
 
 
@@ -226,3 +228,16 @@ def test_state_file_replaces_a_link_never_its_target(tmp_path: Path) -> None:
     assert not link.is_symlink()
     assert link.read_text() == '{"pid": 1}'
     assert (link.stat().st_mode & 0o777) == 0o600
+
+
+def test_runtime_dir_that_is_a_link_is_refused(victim: Victim) -> None:
+    """A link to a directory of the victim's is no better: the attacker can repoint it."""
+    theirs = victim.home / "elsewhere"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, victim.uid, victim.uid)
+    victim.runtime.symlink_to(theirs)
+    mnt = tmpfs_mount(victim)
+    for cmd in (("stats", mnt), ("umount", mnt), ("presign", mnt / "f")):
+        line = one_line(victim.run(*cmd))
+        assert str(victim.runtime) in line and "symlink" in line, line
+    assert list(theirs.iterdir()) == []
