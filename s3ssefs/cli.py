@@ -9,8 +9,6 @@ errors exit 2.  Secrets never travel in argv: keys come from the key file (or st
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import logging
 import os
 import subprocess
@@ -27,8 +25,8 @@ from s3ssefs.config import (
     split_o_options,
 )
 from s3ssefs.errors import MountError
-from s3ssefs.keys import KeyFile, KeyFileError
-from s3ssefs.logsetup import setup_logging, stderr_is_journal
+from s3ssefs.keys import KeyFile, KeyFileError, b64decode_standard
+from s3ssefs.logsetup import escape_controls, open_log_file, setup_logging, stderr_is_journal
 
 log = logging.getLogger(__name__)
 
@@ -191,51 +189,73 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cfg = MountConfig.from_options(bucket, Path(mountpoint), values)
     if args.keyfile_source is not None:
         KeyFile.load(args.keyfile_source)  # LoadCredential= copies it with mode 0400
-    if cfg.foreground or args.daemonized:
-        from s3ssefs.daemon import run_foreground
+    from s3ssefs.daemon import prepare, run_foreground
 
-        try:
-            setup_logging(cfg.log_level, cfg.log_file, foreground=not args.daemonized)
-        except OSError as e:
-            raise MountError(f"cannot open log file {cfg.log_file}: {e.strerror}") from None
+    if args.daemonized:
+        _logging(cfg, foreground=False)
         return run_foreground(cfg, args.ready_fd)
-    return _spawn_daemon(bucket, Path(mountpoint), values)
+    # every check that needs no server, here, so a mistake is one line on the terminal
+    cfg.check_sources()
+    prepare(cfg)
+    if cfg.foreground:
+        _logging(cfg, foreground=True)
+        return run_foreground(cfg, None)
+    return _spawn_daemon(cfg, bucket, values)
 
 
-def _spawn_daemon(bucket: str, mountpoint: Path, values: dict[str, str]) -> int:
+def _logging(cfg: MountConfig, *, foreground: bool) -> None:
+    try:
+        setup_logging(cfg.log_level, cfg.log_file, foreground=foreground)
+    except OSError as e:
+        raise MountError(f"cannot open log file {cfg.log_file}: {e.strerror}") from None
+
+
+def _spawn_daemon(cfg: MountConfig, bucket: str, values: dict[str, str]) -> int:
     """Start the daemon in its own session and wait until the mount answers (or fails)."""
+    assert cfg.mountpoint is not None
+    from s3ssefs.daemon import background_log_file
+
+    values = dict(values)
+    log_file = background_log_file(cfg)
+    if log_file is not None:
+        values["log_file"] = str(log_file)
     r, w = os.pipe()
     opts = ",".join(f"{k}={v}" for k, v in values.items() if "," not in v)
-    argv = [sys.executable, "-m", "s3ssefs", "mount", bucket, str(mountpoint), "--daemonized",
-            "--ready-fd", str(w)]
+    argv = [sys.executable, "-m", "s3ssefs", "mount", bucket, str(cfg.mountpoint),
+            "--daemonized", "--ready-fd", str(w)]
     if opts:
         argv += ["-o", opts]
     for k, v in values.items():
         if "," in v:
             argv.append(f"--{k.replace('_', '-')}={v}")
-    log_file = values.get("log_file")
     try:
         with open(os.devnull, "r+b") as devnull:
-            err = open(log_file, "ab") if log_file else devnull  # noqa: SIM115
+            err = open_log_file(log_file) if log_file else devnull.fileno()
             try:
                 proc = subprocess.Popen(argv, stdin=devnull, stdout=devnull, stderr=err,
                                         pass_fds=(w,), start_new_session=True, close_fds=True)
             finally:
                 if log_file:
-                    err.close()
+                    os.close(err)
     except OSError as e:  # log file not writable, interpreter not executable, …
         os.close(r)
         os.close(w)
-        raise MountError(f"cannot start the mount daemon: {e.strerror}: {e.filename}") from None
+        what = f"log file {log_file}" if log_file and e.filename in (None, str(log_file)) \
+            else e.filename
+        raise MountError(f"cannot start the mount daemon: {e.strerror}: {what}") from None
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "OK":
+        if log_file is not None and cfg.log_file is None:
+            print(f"s3ssefs: no syslog socket (/dev/log): the daemon logs to {log_file}",
+                  file=sys.stderr)
         return 0
     if line.startswith("ERR "):
         raise MountError(line[4:])
     code = proc.wait()
-    raise MountError(f"the mount daemon exited with status {code} before mounting")
+    where = f"see {log_file}" if log_file else "see the system log"
+    raise MountError(f"the mount daemon exited with status {code} before mounting ({where})")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -296,19 +316,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def _decode_key_input(data: bytes) -> bytes:
     if len(data) == 32:
         return data
-    text = data.strip()
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise MountError("key input is neither 32 raw bytes nor base64 of 32 bytes") from None
+        raw = b64decode_standard(data)
+    except ValueError as e:
+        raise MountError(f"key input is neither 32 raw bytes nor base64 of 32 bytes: {e}") \
+            from None
     if len(raw) != 32:
         raise MountError(f"key input decodes to {len(raw)} bytes; SSE-C keys are 32 bytes")
     return raw
 
 
 def _s3_config(args: argparse.Namespace, *, require_keyfile: bool = True) -> MountConfig:
-    return MountConfig.from_options(args.bucket, None, _option_values(args),
-                                    require_keyfile=require_keyfile)
+    cfg = MountConfig.from_options(args.bucket, None, _option_values(args),
+                                   require_keyfile=require_keyfile)
+    cfg.check_sources()
+    return cfg
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -401,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     except (ConfigError, KeyFileError, MountError) as e:
-        print(f"{'<3>' if stderr_is_journal() else ''}s3ssefs: {e}", file=sys.stderr)
+        print(f"{'<3>' if stderr_is_journal() else ''}s3ssefs: {escape_controls(str(e))}",
+              file=sys.stderr)
         if args.command == "mount" and isinstance(e, (ConfigError, KeyFileError)):
             return EXIT_CONFIG
         return 1
@@ -432,15 +455,19 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
         values = split_o_options(args.o)
         if args.v:
             values.setdefault("log_level", "info")
-        MountConfig.from_options(args.spec, args.mountpoint, values)
+        cfg = MountConfig.from_options(args.spec, args.mountpoint, values)
+        cfg.check_sources()
         if args.f:
             return 0
+        from s3ssefs.daemon import prepare
+
+        prepare(cfg)
         values.pop("foreground", None)
-        return _spawn_daemon(args.spec, args.mountpoint, values)
+        return _spawn_daemon(cfg, args.spec, values)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
     except (ConfigError, KeyFileError, MountError) as e:
-        print(f"mount.s3ssefs: {e}", file=sys.stderr)
+        print(f"mount.s3ssefs: {escape_controls(str(e))}", file=sys.stderr)
         return 1
 

@@ -9,13 +9,19 @@ option strings: it receives a :class:`MountConfig`.
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import botocore.session
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +190,7 @@ CONNECTION_OPTIONS = ("endpoint", "region", "profile", "credentials_file", "ca_b
                       "allow_http", "max_requests", "request_timeout", "log_level", "log_file")
 
 # Generic mount(8) options we accept and ignore (or map): fstab users write them.
-GENERIC_MOUNT_OPTIONS = ("rw", "ro", "noatime", "atime", "relatime", "nodev", "nosuid", "dev",
+GENERIC_MOUNT_OPTIONS = ("noatime", "atime", "relatime", "nodev", "nosuid", "dev",
                          "suid", "exec", "noexec", "auto", "noauto", "user", "nouser", "users",
                          "_netdev", "nofail", "defaults", "async", "sync")
 
@@ -248,6 +254,11 @@ class MountConfig:
                 raise ConfigError(
                     f"refusing plain-HTTP endpoint {self.endpoint}: SSE-C keys would cross the "
                     "network in clear (use https://, or allow_http for loopback tests)")
+            if self.endpoint.startswith("http://") and not _loopback(self.endpoint):
+                raise ConfigError(
+                    f"allow_http accepts only a loopback endpoint (127.0.0.0/8, ::1, "
+                    f"localhost), not {self.endpoint}: SSE-C keys would cross the network in "
+                    "clear")
         if self.sse == "c" and self.keyfile is None and self.require_keyfile:
             raise ConfigError("--keyfile is required (or sse=s3 / sse=kms:KEYID)")
         if self.as_of is not None:
@@ -268,8 +279,61 @@ class MountConfig:
         if self.part_size > 5 << 30 or self.multipart_threshold > 5 << 30:
             raise ConfigError("part_size and multipart_threshold must be at most 5G (the "
                               "largest part and single PUT S3 takes)")
-        if self.ca_bundle is not None and not self.ca_bundle.is_file():
-            raise ConfigError(f"ca_bundle {self.ca_bundle}: no such file")
+        if self.ca_bundle is not None:
+            check_ca_file(self.ca_bundle, "ca_bundle")
+        if self.credentials_file is not None:
+            _check_readable(self.credentials_file, "credentials_file")
+
+    def check_sources(self) -> None:
+        """What the S3 half of the options points at outside itself: the CA bundle (option,
+        ``AWS_CA_BUNDLE`` or the profile's), the profile, and whether any credentials are
+        found.  Local checks only (plus the instance-metadata lookup boto3 itself would make),
+        run in the foreground before a mount, so a mistake is one line, not a dead daemon."""
+        from botocore.exceptions import BotoCoreError, ProfileNotFound
+
+        env_ca = os.environ.get("AWS_CA_BUNDLE")
+        if self.ca_bundle is None and env_ca is not None:
+            if not env_ca.strip():
+                raise ConfigError("AWS_CA_BUNDLE is set but empty: unset it, or name a CA file "
+                                  "(or use the ca_bundle option)")
+            check_ca_file(Path(env_ca), "AWS_CA_BUNDLE")
+        try:
+            bs = botocore_session(self)
+            profile_ca = bs.get_config_variable("ca_bundle")
+            credentials = bs.get_credentials()
+        except ProfileNotFound:
+            raise ConfigError(self._profile_problem()) from None
+        except BotoCoreError as e:
+            raise ConfigError(f"AWS credentials or configuration: {e}") from None
+        if self.ca_bundle is None and env_ca is None and profile_ca:
+            check_ca_file(Path(profile_ca), f"ca_bundle of profile {self._profile_name()!r}")
+        if credentials is None:
+            raise ConfigError(f"no credentials found (looked in {self._credential_places()})")
+
+    def _profile_name(self) -> str:
+        return (self.profile or os.environ.get("AWS_PROFILE")
+                or os.environ.get("AWS_DEFAULT_PROFILE") or "default")
+
+    def _config_files(self) -> tuple[str, str]:
+        creds = str(self.credentials_file) if self.credentials_file else \
+            os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+        return creds, os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+
+    def _profile_problem(self) -> str:
+        name = self._profile_name()
+        where = ("the profile option" if self.profile else
+                 "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE")
+        creds, conf = self._config_files()
+        return f"profile {name!r} (from {where}) is in neither {creds} nor {conf}"
+
+    def _credential_places(self) -> str:
+        creds, conf = self._config_files()
+        profile = self._profile_name()
+        if self.credentials_file is not None:
+            return f"credentials_file {creds}, profile {profile!r}"
+        env = "" if self.profile else "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        return (f"{env}{creds} and {conf} for profile {profile!r}, container and "
+                "instance metadata")
 
     @property
     def bucket_path(self) -> str:
@@ -287,6 +351,8 @@ class MountConfig:
             opt = OPTIONS_BY_NAME.get(name)
             if opt is None:
                 raise ConfigError(f"unknown option {name!r}")
+            if not opt.flag and not raw.strip():
+                raise ConfigError(f"option {name} needs a value ({name}={opt.metavar})")
             try:
                 kw[name] = opt.parse(raw)
             except ConfigError as e:
@@ -298,7 +364,8 @@ class MountConfig:
 def split_o_options(items: Iterable[str]) -> dict[str, str]:
     """``["a=b,c", "d=e"]`` → ``{"a": "b", "c": "", "d": "e"}``; generic mount options dropped.
 
-    ``ro`` maps to ``read_only``; ``x-systemd.*`` and ``x-*`` options are for other tools.
+    ``ro`` and ``rw`` map to ``read_only`` (the last one wins, as in mount(8));
+    ``x-systemd.*`` and ``x-*`` options are for other tools.
     """
     out: dict[str, str] = {}
     for item in items:
@@ -308,8 +375,8 @@ def split_o_options(items: Iterable[str]) -> dict[str, str]:
                 continue
             name, eq, value = part.partition("=")
             name = name.strip().replace("-", "_") if not name.startswith("x-") else name
-            if name == "ro":
-                out["read_only"] = "true"
+            if name in ("ro", "rw"):
+                out["read_only"] = "true" if name == "ro" else "false"
                 continue
             if name in GENERIC_MOUNT_OPTIONS or name.startswith("x-") or name == "comment":
                 continue
@@ -317,6 +384,54 @@ def split_o_options(items: Iterable[str]) -> dict[str, str]:
                 raise ConfigError(f"unknown mount option {name!r}")
             out[name] = value if eq else ("true" if OPTIONS_BY_NAME[name].flag else "")
     return out
+
+
+def botocore_session(cfg: MountConfig) -> botocore.session.Session:
+    """The botocore session (profile, credentials file) every S3 client of ``cfg`` comes from.
+
+    A credentials file named by the option is where the credentials come from: the
+    ``AWS_ACCESS_KEY_ID`` variables, which botocore would otherwise try first, are not used.
+    """
+    import botocore.session  # not at import: the key commands have no use for it
+
+    bs = botocore.session.Session(profile=cfg.profile)
+    if cfg.credentials_file is not None:
+        bs.set_config_variable("credentials_file", str(cfg.credentials_file))
+        bs.get_component("credential_provider").remove("env")
+    return bs
+
+
+def check_ca_file(path: Path, what: str) -> None:
+    """A file of PEM certificates OpenSSL can load, or one line saying what is wrong."""
+    _check_readable(path, what)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise ConfigError(f"{what} {path} holds no PEM certificate") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+
+
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def option_names() -> list[str]:

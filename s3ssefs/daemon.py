@@ -7,8 +7,8 @@ line and a non-zero exit instead of a mount point that answers EIO.  SIGTERM, SI
 ``s3ssefs umount`` all flush every dirty file and then unmount; if some file cannot be
 uploaded, ``umount`` reports it and the mount stays so nothing is lost.
 
-A running mount registers itself in the runtime directory (``/run/s3ssefs`` for root) with
-its PID and a unix socket that answers ``stats`` and ``umount``; the socket is mode 0600.
+A running mount registers itself in the runtime directory (:mod:`s3ssefs.runtime`) with a
+unix socket (mode 0600) that answers ``stats``, ``info`` and ``umount``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -42,8 +41,17 @@ from s3ssefs.files import Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import Key, KeyFile
+from s3ssefs.logsetup import escape_controls, syslog_available
 from s3ssefs.pages import KernelPages
 from s3ssefs.recovery import journals, recover
+from s3ssefs.runtime import (
+    Refused,
+    check_runtime_dir,
+    control,
+    mount_id,
+    registry_path,
+    write_private,
+)
 from s3ssefs.spill import sweep
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
@@ -51,6 +59,7 @@ from s3ssefs.view import AsOfView, LiveView
 
 log = logging.getLogger(__name__)
 PR_SET_DUMPABLE = 4
+RELEASE_GRACE = 2.0  # seconds umount waits for the RELEASE of files just closed
 
 
 def harden_process() -> None:
@@ -85,22 +94,6 @@ def tune_malloc() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_FROM)
 
 
-def runtime_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/s3ssefs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "s3ssefs" if xdg else Path(f"/tmp/s3ssefs-{os.getuid()}")
-
-
-def mount_id(mountpoint: Path) -> str:
-    """Stable id of a mount point; never called on a path we are serving (it stats it)."""
-    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-
-
-def registry_path(mountpoint: Path) -> Path:
-    return runtime_dir() / f"{mount_id(mountpoint)}.json"
-
-
 def default_cache_dir() -> Path:
     env = os.environ.get("CACHE_DIRECTORY")  # systemd's CacheDirectory=
     if env:
@@ -108,6 +101,23 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "s3ssefs"
+
+
+def background_log_file(cfg: MountConfig) -> Path | None:
+    """Where a daemon in the background logs: the log_file option; else the system log
+    (None); else, when no syslog listens on /dev/log, ``daemon.log`` in the mount's
+    directory of the cache (made here, mode 0700, as :class:`Mount` makes it)."""
+    if cfg.log_file is not None:
+        return cfg.log_file
+    if syslog_available():
+        return None
+    assert cfg.mountpoint is not None
+    state = (cfg.cache_dir or default_cache_dir()).expanduser() / mount_id(cfg.mountpoint)
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise MountError(f"cannot create {state} for the daemon's log: {e.strerror}") from None
+    return state / "daemon.log"
 
 
 def sd_notify(message: str) -> None:
@@ -280,6 +290,29 @@ class Mount:
             pyfuse3.terminate()
         return []
 
+    def _open_paths(self) -> list[str]:
+        return sorted({"/" + n.path for n in self.fs.handles.values()}
+                      | {"/" + h.node.path for h in self.fs.dirs.values()})
+
+    async def _umount(self) -> dict[str, Any]:
+        """``s3ssefs umount``: flush everything, then unmount unless a program still has a
+        file or directory open (as umount(8) refuses a busy filesystem): then the data is
+        uploaded and the mount stays."""
+        failed = await self.fs.flush_all()
+        if failed:
+            log.error("could not upload %d file(s), mount kept: %s", len(failed),
+                      ", ".join(failed))
+            return {"failed": failed, "kept": self.cfg.sse == "c"}
+        # a close(2) returns before the kernel's RELEASE reaches us: give those a moment
+        with trio.move_on_after(RELEASE_GRACE):
+            while self._open_paths():
+                await trio.sleep(RELEASE_GRACE / 20)
+        busy = self._open_paths()
+        if busy:
+            log.info("umount refused: %d open: %s", len(busy), ", ".join(busy))
+            return {"failed": [], "busy": busy}
+        return {"failed": await self._stop(), "kept": self.cfg.sse == "c"}
+
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
@@ -292,7 +325,7 @@ class Mount:
                     continue
 
     async def _control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sock_path = runtime_dir() / f"{self.id}.sock"
+        sock_path = check_runtime_dir(create=True) / f"{self.id}.sock"
         sock_path.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
@@ -314,8 +347,10 @@ class Mount:
                     fastest = self.store.fastest_answer()
                     if fastest is not None:
                         reply["server_answer_us"] = round(fastest * 1e6)
+                elif cmd == "info":
+                    reply = self.info()
                 elif cmd == "umount":
-                    reply = {"failed": await self._stop(), "kept": self.cfg.sse == "c"}
+                    reply = await self._umount()
                 else:
                     reply = {"error": f"unknown command {cmd!r}"}
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -332,27 +367,16 @@ class Mount:
                 n.cancel_scope.cancel()
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
         self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
-        registry = runtime_dir() / f"{self.id}.json"
+        registry = check_runtime_dir(create=True) / f"{self.id}.json"
         try:
             async with trio.open_nursery() as n:
                 self.ctx.nursery = n
                 self.ctx.source.nursery = n
                 sock_path = await n.start(self._control)
-                # what umount, stats and presign learn about this mount: the key file's
-                # path, never a key
-                cfg = self.cfg
-                registry.write_text(json.dumps({
+                # for people and scripts; commands ask the daemon itself (runtime.control)
+                write_private(registry, json.dumps({
                     "pid": os.getpid(), "mountpoint": str(self.mountpoint),
-                    "socket": str(sock_path), "bucket": cfg.bucket_path,
-                    "bucket_name": cfg.bucket, "prefix": cfg.prefix, "endpoint": cfg.endpoint,
-                    "region": cfg.region, "profile": cfg.profile,
-                    **{name: str(p.expanduser().resolve()) if p is not None else None
-                       for name, p in (("credentials_file", cfg.credentials_file),
-                                       ("ca_bundle", cfg.ca_bundle),
-                                       ("keyfile", cfg.keyfile if cfg.sse == "c" else None))},
-                    "allow_http": cfg.allow_http, "sse": cfg.sse,
-                    "read_only": cfg.read_only,
-                    "as_of": cfg.as_of.isoformat() if cfg.as_of else None}))
+                    "socket": str(sock_path), "bucket": self.cfg.bucket_path}))
                 n.start_soon(self._signals)
                 n.start_soon(self.fs.retry_loop, max(0.1, self.cfg.retry_interval))
                 n.start_soon(self._announce, ready_fd)
@@ -364,7 +388,7 @@ class Mount:
         finally:
             pyfuse3.close(unmount=True)
             registry.unlink(missing_ok=True)
-            (runtime_dir() / f"{self.id}.sock").unlink(missing_ok=True)
+            registry.with_suffix(".sock").unlink(missing_ok=True)
             self.keyring.save()
             self.cache.close()
         if self.failed:
@@ -381,6 +405,20 @@ class Mount:
         return (f"their data is kept, encrypted, in {self.ctx.spill_dir}: if this daemon "
                 f"ends first, the next mount of {self.cfg.bucket_path} with cache_dir "
                 f"{self.cache_base} uploads it")
+    def info(self) -> dict[str, Any]:
+        """What ``s3ssefs presign`` needs to know of this mount: the key file's path, never a
+        key."""
+        cfg = self.cfg
+        return {
+            "mountpoint": str(self.mountpoint), "bucket": cfg.bucket_path,
+            "bucket_name": cfg.bucket, "prefix": cfg.prefix, "endpoint": cfg.endpoint,
+            "region": cfg.region, "profile": cfg.profile,
+            **{name: str(p.expanduser().resolve()) if p is not None else None
+               for name, p in (("credentials_file", cfg.credentials_file),
+                               ("ca_bundle", cfg.ca_bundle),
+                               ("keyfile", cfg.keyfile if cfg.sse == "c" else None))},
+            "allow_http": cfg.allow_http, "sse": cfg.sse, "read_only": cfg.read_only,
+            "as_of": cfg.as_of.isoformat() if cfg.as_of else None}
 
     async def _announce(self, ready_fd: int | None) -> None:
         """Tell the parent / systemd the mount is up once it answers a stat."""
@@ -416,6 +454,24 @@ def clear_stale_mount(mountpoint: Path) -> None:
                            capture_output=True)
 
 
+def prepare(cfg: MountConfig) -> KeyFile | None:
+    """The checks before a mount that need no server: key file, mount point, runtime
+    directory, no other s3ssefs on the mount point.  Run by the command in the foreground
+    (so each mistake is one line on the terminal) and again by the daemon."""
+    assert cfg.mountpoint is not None
+    keyfile = load_keys(cfg)
+    clear_stale_mount(cfg.mountpoint)
+    pid = registered_pid(cfg.mountpoint)
+    if pid is not None:
+        raise MountError(f"{cfg.mountpoint} is already mounted by s3ssefs (pid {pid}); "
+                         "run s3ssefs umount first")
+    if not cfg.mountpoint.is_dir():
+        what = "is not a directory" if cfg.mountpoint.exists() else "does not exist"
+        raise MountError(f"mount point {cfg.mountpoint} {what}")
+    check_runtime_dir(create=True)
+    return keyfile
+
+
 def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
     assert cfg.mountpoint is not None
@@ -426,26 +482,20 @@ def run_foreground(cfg: MountConfig, ready_fd: int | None = None) -> int:
         log.error("%s", msg)
         if ready_fd is not None:
             with contextlib.suppress(OSError):
-                os.write(ready_fd, f"ERR {msg}\n".encode())
+                os.write(ready_fd, f"ERR {escape_controls(msg)}\n".encode())
         return 1
 
     try:
-        keyfile = load_keys(cfg)
-        clear_stale_mount(cfg.mountpoint)
-        pid = registered_pid(cfg.mountpoint)
-        if pid is not None:
-            raise MountError(f"{cfg.mountpoint} is already mounted by s3ssefs (pid {pid}); "
-                             "run s3ssefs umount first")
-        if not cfg.mountpoint.is_dir():
-            what = "is not a directory" if cfg.mountpoint.exists() else "does not exist"
-            raise MountError(f"mount point {cfg.mountpoint} {what}")
-        runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        keyfile = prepare(cfg)
         mount = Mount(cfg, keyfile)
         return trio.run(mount.run, ready_fd)
     except MountError as e:
         return fail(str(e))
     except RuntimeError as e:  # pyfuse3.init: mount refused by the kernel
         return fail(f"cannot mount on {cfg.mountpoint}: {e}")
+    except Exception as e:  # a bug: say so in one line, with the details in the log
+        log.exception("unexpected error before or while mounting")
+        return fail(f"unexpected error: {type(e).__name__}: {e}")
 
 
 def mounted_fstype(mountpoint: Path) -> str | None:
@@ -472,32 +522,10 @@ def registered_pid(mountpoint: Path) -> int | None:
     """PID of the live daemon serving ``mountpoint`` (it answers its socket), or None."""
     try:
         return int(control(mountpoint, "stats", timeout=30)["pid"])
+    except Refused:
+        raise
     except (MountError, ValueError, KeyError, TypeError):
         return None
-
-
-def control(mountpoint: Path, command: str, timeout: float = 3600.0) -> dict[str, Any]:
-    """Send one command to a running mount's control socket."""
-    reg = registry_path(mountpoint)
-    if not reg.exists():
-        raise MountError(f"no s3ssefs mount is registered on {mountpoint}")
-    info = json.loads(reg.read_text())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(info["socket"])
-            s.sendall(command.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        except OSError as e:
-            raise MountError(f"the mount on {mountpoint} does not answer: {e}") from None
-    reply: dict[str, Any] = json.loads(buf)
-    reply["pid"] = info["pid"]
-    return reply
 
 
 def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
@@ -505,6 +533,8 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
     mountpoint = Path(os.path.realpath(mountpoint))
     try:
         reply = control(mountpoint, "umount", timeout)
+    except Refused:
+        raise
     except MountError as e:
         # no live daemon: maybe a stale mount left by a killed one, but never anything else
         fstype = mounted_fstype(mountpoint)
@@ -527,6 +557,11 @@ def umount(mountpoint: Path, timeout: float = 3600.0) -> int:
                          + ", ".join(reply["failed"]) + "; fix the cause (the daemon's log "
                          "says it) and run s3ssefs umount again, or unmount with "
                          f"fusermount3 -u: {then}")
+    if reply.get("busy"):
+        busy = reply["busy"]
+        raise MountError(f"{mountpoint} is busy: {len(busy)} file(s) or directories open "
+                         f"({', '.join(busy[:5])}{', …' if len(busy) > 5 else ''}); their data "
+                         "is uploaded, the mount stays (close them, or use umount -l)")
     # the daemon unmounts and exits once flushed: wait for its exit, not a guess
     try:
         pidfd = os.pidfd_open(int(reply["pid"]))

@@ -45,8 +45,9 @@ KEY_BYTES = 32
 FORMAT_VERSION = 1
 SSE_ALGORITHM = "AES256"
 
-# A key file is a few keys and a map; anything larger than this is not a key file.
-_MAX_FILE_BYTES = 64 << 20
+# A key file is a few keys and a map (about 100 bytes an entry): anything larger than this is
+# not a key file but a file named by mistake (a disk image, a log) that we need not read.
+_MAX_FILE_BYTES = 64 << 10
 _TOP_LEVEL_FIELDS = ("version", "current", "keys", "map")
 _MAP_FIELDS = ("path", "version", "key")
 _MAX_ID_CHARS = 128
@@ -176,7 +177,8 @@ def _read_private_file(path: Path, what: str) -> bytes:
                 f"read it; run: chmod 600 {path}"
             )
         if st.st_size > _MAX_FILE_BYTES:
-            raise KeyFileError(f"{what} {path} is too large to be a key file")
+            raise KeyFileError(f"{what} {path} is too large to be a key file "
+                               f"({st.st_size} bytes; at most {_MAX_FILE_BYTES >> 10} KiB)")
         chunks: list[bytes] = []
         total = 0
         while chunk := os.read(fd, 1 << 20):
@@ -211,13 +213,27 @@ def _toml_problem(err: tomllib.TOMLDecodeError) -> str:
     return f"not valid TOML at {where}: {msg}"
 
 
+def b64decode_standard(text: str | bytes) -> bytes:
+    """Standard base64 (RFC 4648 §4: ``A-Z a-z 0-9 + /``, ``=`` padding), the one spelling
+    of a key everywhere (key file, ``keys add``, s3fs import), as ``base64`` and
+    ``openssl rand -base64`` write it; the URL-safe alphabet is refused by name."""
+    t = text.strip()
+    chars = t if isinstance(t, bytes) else t.encode("ascii", "replace")
+    if b"-" in chars or b"_" in chars:
+        raise ValueError("URL-safe base64 (- and _); write it in standard base64 (+ and /)")
+    try:
+        return base64.b64decode(chars, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not standard base64 (A-Z a-z 0-9 + / and = padding)") from None
+
+
 def _decode_key(value: object, key_id: str) -> bytes:
     if not isinstance(value, str):
         raise ValueError(f"key {key_id!r} must be a base64 string, not {type(value).__name__}")
     try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"key {key_id!r} is not valid base64") from None
+        raw = b64decode_standard(value)
+    except ValueError as e:
+        raise ValueError(f"key {key_id!r} is not valid base64: {e}") from None
     if len(raw) != KEY_BYTES:
         raise ValueError(
             f"key {key_id!r} decodes to {len(raw)} bytes, not {KEY_BYTES} "
@@ -395,6 +411,10 @@ class KeyFile:
             raise KeyFileError("no path to save the key file to")
         text = self.to_toml()
         data = text.encode("utf-8")
+        if len(data) > _MAX_FILE_BYTES:
+            raise KeyFileError(f"the key file would grow to {len(data)} bytes, more than "
+                               f"{_MAX_FILE_BYTES >> 10} KiB; not saved (fewer [[map]] entries: "
+                               "one without version covers every version of a path)")
         try:
             _parse_text(data)
         except (ValueError, KeyFileError) as e:
@@ -598,10 +618,10 @@ class KeyFile:
                 raw = text
             else:
                 try:
-                    raw = base64.b64decode(text, validate=True)
-                except (binascii.Error, ValueError):
+                    raw = b64decode_standard(text)
+                except ValueError as e:
                     raise KeyFileError(
-                        f"{where}: neither a {KEY_BYTES}-character key nor valid base64"
+                        f"{where}: neither a {KEY_BYTES}-character key nor valid base64 ({e})"
                     ) from None
                 if len(raw) != KEY_BYTES:
                     raise KeyFileError(

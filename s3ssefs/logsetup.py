@@ -10,6 +10,12 @@ Under systemd, stderr is a stream to the journal (systemd sets ``JOURNAL_STREAM`
 and inode).  Each line then starts with its syslog priority (``<3>`` error … ``<7>`` debug),
 which journald strips and keeps as the entry's level, so ``journalctl -p warning`` and the
 colours of ``journalctl -u`` work; journald adds the time and the unit's name itself.
+The same filter escapes control characters: object names come from the bucket, and a name
+holding a newline would otherwise forge a log line of its own.
+
+A daemon in the background never logs into the void: without a syslog socket it logs to a
+file (the command that starts it picks one in the cache directory and says so).  Log files
+are created mode 0600: at debug level they hold object names and the access key id.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -55,18 +62,34 @@ def redact(text: str) -> str:
     return text
 
 
+# C0 controls, DEL, C1 controls, the Unicode line and paragraph separators, and the lone
+# surrogates that stand for undecodable bytes of a name (they cannot even be written out)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character as a ``\\xNN`` (or ``\\uNNNN``) escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
 class RedactingFilter(logging.Filter):
-    """Formats the record once, redacts it, and freezes the result into ``msg``."""
+    """Formats the record once, redacts it, escapes its control characters, and freezes the
+    result into ``msg`` (a traceback keeps its line breaks, each line escaped and indented)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a broken format string must not leak args either
             message = str(record.msg)
-        record.msg = redact(message)
+        record.msg = escape_controls(redact(message))
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            # indented, so no line of it (an exception text may quote a name) passes for a
+            # record of its own
+            text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = "\n".join("  | " + escape_controls(line)
+                                         for line in text.split("\n"))
             record.exc_info = None
         return True
 
@@ -95,6 +118,21 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{priority(record.levelno)}>"
         return "\n".join(prefix + line for line in super().format(record).splitlines())
+def open_log_file(path: Path) -> int:
+    """Open (create mode 0600) ``path`` for appending; the descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def syslog_available(address: str = "/dev/log") -> bool:
+    """Whether a syslog daemon (or journald) listens on ``address``."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as s:
+                s.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def setup_logging(level: str = "INFO", log_file: Path | None = None,
@@ -106,9 +144,10 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None,
         root.removeHandler(h)
     handler: logging.Handler
     if log_file is not None:
+        os.close(open_log_file(log_file))
         handler = logging.FileHandler(log_file)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    elif foreground or not Path("/dev/log").exists():
+    elif foreground or not syslog_available():
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(levelname)s %(name)s: %(message)s"
     else:

@@ -9,18 +9,19 @@ headers, and the printed ``curl`` line reads the key from the key file when it r
 itself is never printed.  Whatever botocore version signs it, the URL is checked for key
 material before it is shown.
 
-The mount is found by walking up from the path to a mount point that a running s3ssefs daemon
-registered (:func:`s3ssefs.daemon.registry_path`); the registry says bucket, prefix, endpoint,
-credentials profile, CA and key file.  The key for a GET is the one the mount itself opened the
-object with (its ``user.s3ssefs.key`` attribute); a PUT uses the key file's current key, as the
-mount would.  Mounts with ``sse=s3`` or ``sse=kms:ID`` need no key headers to read; a PUT URL
-for them signs the ``x-amz-server-side-encryption`` headers the upload must carry.
+The mount is found by walking up from the path to a mount point whose daemon answers on its
+control socket (:func:`s3ssefs.runtime.control`, which checks that the daemon runs as us):
+the daemon itself says bucket, prefix, endpoint, credentials profile, CA and key file.  No
+file another user could have written decides where the key goes.  The key for a GET is the
+one the mount itself opened the object with (its ``user.s3ssefs.key`` attribute); a PUT
+uses the key file's current key, as the mount would.  Mounts with ``sse=s3`` or
+``sse=kms:ID`` need no key headers to read; a PUT URL for them signs the
+``x-amz-server-side-encryption`` headers the upload must carry.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import shlex
@@ -29,9 +30,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from s3ssefs.config import ConfigError, MountConfig
-from s3ssefs.daemon import registry_path
 from s3ssefs.errors import MountError
 from s3ssefs.keys import SSE_ALGORITHM, Key, KeyFile, sse_c_params
+from s3ssefs.runtime import NotRegistered, control
 from s3ssefs.store import provider_params, s3_client
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,10 @@ def find_mount(path: Path) -> tuple[Path, dict[str, Any], Path]:
     for candidate in (resolved, *resolved.parents):
         if not os.path.ismount(candidate):
             continue
-        reg = registry_path(candidate)
-        if not reg.exists():
-            continue
-        info: dict[str, Any] = json.loads(reg.read_text())
         try:
-            os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
-            raise MountError(f"the s3ssefs mount on {candidate} has no running daemon") from None
-        except PermissionError:
-            pass
+            info = control(candidate, "info", timeout=30)
+        except NotRegistered:
+            continue
         if "bucket_name" not in info:
             raise MountError(f"the mount on {candidate} was started by an older s3ssefs; "
                              "remount it to presign")

@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import random
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,6 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import boto3
-import botocore.session
 import trio
 from botocore.config import Config
 from botocore.exceptions import (
@@ -60,7 +60,7 @@ from urllib3.exceptions import HTTPError
 
 from s3ssefs import workers
 from s3ssefs.aio import gather
-from s3ssefs.config import MountConfig
+from s3ssefs.config import MountConfig, botocore_session
 from s3ssefs.errors import FsError
 from s3ssefs.http1 import Body, Pieces
 from s3ssefs.keys import SSE_ALGORITHM, Key, sse_c_headers, sse_c_params
@@ -135,10 +135,7 @@ def _same_kms_key(wanted: str, echoed: str | None) -> bool:
 
 def boto_session(cfg: MountConfig) -> boto3.Session:
     """The session (profile, credentials file) every client of this mount comes from."""
-    bs = botocore.session.Session(profile=cfg.profile)
-    if cfg.credentials_file is not None:
-        bs.set_config_variable("credentials_file", str(cfg.credentials_file))
-    return boto3.Session(botocore_session=bs)
+    return boto3.Session(botocore_session=botocore_session(cfg))
 
 
 def s3_client(cfg: MountConfig, session: boto3.Session | None = None) -> Any:
@@ -227,6 +224,9 @@ _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "Requ
                           # a clock or credentials boto3 refreshes on the next attempt
                           "RequestTimeTooSkewed", "ExpiredToken", "RequestExpired"})
 
+
+# a name holding one of these cannot be listed as a prefix on Ceph RGW (it answers 500)
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 
 # ListObjectsV2 parameters as boto3 names them → as the query string names them
 _LIST_QUERY = {"Prefix": "prefix", "MaxKeys": "max-keys", "Delimiter": "delimiter",
@@ -613,8 +613,11 @@ class ObjectStore:
             if self.wire is not None:
                 lean = partial(self.wire.list_objects_v2,
                                {q: str(kw[p]) for p, q in _LIST_QUERY.items() if p in kw})
-            r = await self._guarded("list", f"LIST s3://{self.bucket}/{prefix}",
-                                    self.client.list_objects_v2, lean, **kw)
+            what = f"LIST s3://{self.bucket}/{prefix}"
+            if _CONTROL_CHARS.search(prefix):
+                r = await self._list_control_prefix(what, lean, kw)
+            else:
+                r = await self._guarded("list", what, self.client.list_objects_v2, lean, **kw)
             yield ListPage(
                 prefixes=[p["Prefix"] for p in r.get("CommonPrefixes", [])],
                 objects=[ObjectInfo(key=o["Key"], size=int(o.get("Size", 0)),
@@ -626,6 +629,24 @@ class ObjectStore:
             token = r.get("NextContinuationToken")
             if not token:
                 return
+
+    async def _list_control_prefix(self, what: str, lean: Callable[[], Any] | None,
+                                   kw: dict[str, Any]) -> Any:
+        """A LIST whose prefix holds a control character: Ceph RGW answers those with a bare
+        500 every time, so they get the short deadline of the mount checks, and the error
+        says what the server refused instead of "500"."""
+        try:
+            return await self._call("list", what, self.client.list_objects_v2, lean,
+                                    timeout=min(self.cfg.request_timeout, MOUNT_CHECK_TIMEOUT),
+                                    **kw)
+        except FsError as e:
+            if e.errno != errno.EIO:
+                raise
+            self.stats.error("list")
+            log.warning("%s failed: the server refused to list a prefix holding a control "
+                        "character (%s) [EIO]", what, e)
+            raise FsError(errno.EIO, f"{what}: the server refused to list a prefix holding a "
+                          "control character") from None
 
     async def list_version_pages(self, prefix: str, delimiter: str | None = "/",
                                  ) -> AsyncIterator[ListPage]:
