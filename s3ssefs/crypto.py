@@ -9,6 +9,10 @@ GCM authenticates as well as encrypts, and callers pass *associated data* naming
 is (which object, which block); a file that was truncated, corrupted or swapped for another
 fails to open instead of returning wrong data.  Nonces are random: at 96 bits that is safe for
 far more blobs than one mount writes.
+
+The one thing meant to outlive a mount, the metadata index (:mod:`s3ssefs.metaindex`), is
+sealed instead with a key derived (HKDF-SHA256) from a key of the key file: readable by the
+next mount with the same key file, by nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +41,18 @@ class CorruptBlock(Exception):
     """A sealed blob failed authentication or is truncated."""
 
 
-class LocalCipher:
-    """AES-256-GCM with a random key made per mount, held only in memory."""
+def derive_key(material: bytes, salt: bytes, label: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 of secret ``material``: a key for one purpose (``label``) that tells
+    nothing of the material it came from."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=label).derive(material)
 
-    def __init__(self) -> None:
-        self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
+
+class LocalCipher:
+    """AES-256-GCM with a random key made per mount, held only in memory (or with ``key``, one
+    made by :func:`derive_key`)."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._aead = AESGCM(key if key is not None else AESGCM.generate_key(bit_length=256))
 
     def __repr__(self) -> str:
         return "<LocalCipher>"  # never show key material

@@ -42,6 +42,7 @@ from s3ssefs.files import Ctx
 from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import KeyFile
+from s3ssefs.metaindex import open_index, scope_of
 from s3ssefs.pages import KernelPages
 from s3ssefs.stats import Stats
 from s3ssefs.store import ObjectStore
@@ -248,7 +249,10 @@ class Mount:
                        write_key=lambda: None, metadata=lambda n: {}, stats=self.stats)
         view = (AsOfView(self.store, self.keyring, cfg.as_of) if cfg.as_of is not None
                 else LiveView(self.store, self.keyring))
-        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx, view)
+        # an as_of view shows old versions, which a HEAD names: no index for it
+        self.index = None if cfg.as_of is not None else open_index(
+            base, keyfile, scope_of(cfg), cfg.meta_index_size, self.stats)
+        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx, view, self.index)
         self.failed: list[str] = []
         self._stopping = False
 
@@ -345,6 +349,8 @@ class Mount:
             registry.unlink(missing_ok=True)
             (runtime_dir() / f"{self.id}.sock").unlink(missing_ok=True)
             self.keyring.save()
+            if self.index is not None:
+                self.index.close()
             self.cache.close()
         if self.failed:
             log.error("unmounted with %d file(s) not uploaded: %s", len(self.failed),

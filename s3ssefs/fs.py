@@ -30,8 +30,10 @@ from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.files import Ctx, FileData
 from s3ssefs.inodes import MAX_CACHED_ENTRIES, ROOT, InodeTable, Listing, Node, check_name, join
-from s3ssefs.keyring import KeyRing
+from s3ssefs.keyring import PLAIN, KeyRing
+from s3ssefs.keys import Key
 from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for
+from s3ssefs.metaindex import Entry, MetaIndex
 from s3ssefs.store import ListPage, ObjectInfo, ObjectStore
 from s3ssefs.view import LiveView
 
@@ -132,7 +134,7 @@ class Filesystem(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, cfg: MountConfig, store: ObjectStore, keyring: KeyRing, ctx: Ctx,
-                 view: LiveView | None = None) -> None:
+                 view: LiveView | None = None, index: MetaIndex | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.store = store
@@ -140,6 +142,7 @@ class Filesystem(pyfuse3.Operations):
         # what the bucket shows: live, or as it was at cfg.as_of (reads go through the view)
         self.view = view or LiveView(store, keyring)
         self.ctx = ctx
+        self.index = index  # what HEADs said in earlier mounts (s3ssefs.metaindex)
         self.ttl = cfg.attr_ttl
         now = _now_ns()
         root = Attrs(mode=stat.S_IFDIR | (0o777 & ~cfg.umask), uid=cfg.uid, gid=cfg.gid,
@@ -208,7 +211,10 @@ class Filesystem(pyfuse3.Operations):
                     raise
             else:
                 if hint is None or not hint[0]:
-                    return self._file_node(path, info, key)
+                    node = self._file_node(path, info, key)
+                    if hint is not None:
+                        self._index_note(node, hint, info, key)
+                    return node
         return await self._probe_dir(path)
 
     async def _list_hint(self, path: str) -> tuple[bool, int, str, float]:
@@ -325,6 +331,10 @@ class Filesystem(pyfuse3.Operations):
             if hint is None:
                 self.inodes.missed(parent.path)
                 raise FsError(errno.ENOENT, f"no such file: {path}")
+        if hint is not None and not hint[0]:
+            indexed = await self._indexed(parent.path, {name: hint})
+            if name in indexed:
+                return indexed[name]
         try:
             node = await self._probe(path, hint)
         except FsError as e:
@@ -435,7 +445,7 @@ class Filesystem(pyfuse3.Operations):
             got = await self.view.head_many([(p, self.s3key(p)) for p, _ in files])
             for (path, hint), res in zip(files, got, strict=True):
                 if not isinstance(res, FsError):
-                    self._file_node(path, *res)
+                    self._index_note(self._file_node(path, *res), hint, *res)
                 elif res.errno == errno.EACCES:
                     self._locked_node(path, hint)
         except Exception as e:
@@ -443,6 +453,67 @@ class Filesystem(pyfuse3.Operations):
         finally:
             for path, _ in files:
                 self._heads.pop(path).set()
+
+    # ------------------------------------------------------------------ metadata index
+    async def _indexed(self, dpath: str, hints: dict[str, tuple[bool, int, str, float]],
+                       ) -> dict[str, Node]:
+        """Nodes for the listed files of ``dpath`` (name → listing hint) that the metadata
+        index knows as the listing shows them: what their HEAD would say, without one."""
+        if self.index is None or not hints:
+            return {}
+        got = await self.index.lookup([(self.s3key(join(dpath, name)), h[2], h[1], h[3])
+                                       for name, h in hints.items() if not h[0]])
+        out: dict[str, Node] = {}
+        for name, hint in hints.items():
+            path = join(dpath, name)
+            s3key = self.s3key(path)
+            e = got.get(s3key)
+            if e is None:
+                continue
+            key = self.keyring.by_id(e.key_id) if e.key_id != PLAIN else None
+            if e.key_id != PLAIN and key is None:
+                continue  # its key left the key file: S3 says what opens it now
+            node = self.inodes.find(path)
+            if node is not None and node.data is not None:
+                continue  # open here: what this mount knows wins
+            node = self._file_node(path, e.info(s3key), key)
+            node.indexed = (hint[2], hint[1], hint[3])
+            self.keyring.learn(s3key, key, e.etag)
+            out[name] = node
+        return out
+
+    def _index_note(self, node: Node, hint: tuple[bool, int, str, float], info: ObjectInfo,
+                    key: Key | None) -> None:
+        """Keep what a HEAD said of a listed file, if the object is still the one the listing
+        showed (a HEAD's LastModified is the listing's, to the second)."""
+        if self.index is None or hint[0] or not hint[2] or \
+                (info.etag, info.size, int(info.mtime)) != (hint[2], hint[1], int(hint[3])):
+            return
+        node.indexed = (hint[2], hint[1], hint[3])
+        self._index_flush(self.index.note(self.s3key(node.path), Entry(
+            hint[2], hint[1], hint[3], info.mtime, key.id if key else PLAIN, info.version_id,
+            dict(info.metadata))))
+
+    def _index_keep(self, node: Node, o: ObjectInfo) -> None:
+        """Keep what this mount knows of a listed file it has fresh attributes of (it wrote
+        or HEADed it) when the listing shows the object it knows."""
+        if self.index is None or node.locked or not node.remote or node.is_dir or \
+                node.etag != o.etag or node.attrs.size != o.size or node.data is not None or \
+                node.indexed == (o.etag, o.size, o.mtime):
+            return
+        node.indexed = (o.etag, o.size, o.mtime)
+        key = node.sse_key
+        self._index_flush(self.index.note(self.s3key(node.path), Entry(
+            o.etag, o.size, o.mtime, o.mtime, key.id if key else PLAIN, node.version_id,
+            self.metadata(node))))
+
+    def _index_forget(self, s3key: str) -> None:
+        if self.index is not None:
+            self._index_flush(self.index.forget(s3key))
+
+    def _index_flush(self, due: bool) -> None:
+        if due and self.index is not None and self.ctx.nursery is not None:
+            self.ctx.nursery.start_soon(self.index.flush)
 
     async def _refresh(self, node: Node) -> None:
         if self._fresh(node):
@@ -671,13 +742,20 @@ class Filesystem(pyfuse3.Operations):
         async for page in self.view.list_pages(prefix, delimiter="/"):
             dirs, files = self._page_names(dpath, prefix, page)
             results: dict[str, Node] = {}
+            stale: dict[str, tuple[bool, int, str, float]] = {}
             for name, o in files.items():
                 path = join(dpath, name)
                 node = self.inodes.find(path)
                 if node is None or not self._fresh(node) or (node.etag != o.etag and \
                         (node.data is None or not node.data.dirty)):
-                    hint = (False, o.size, o.etag, o.mtime)
-                    results[path] = self._listed_node(path, hint)
+                    stale[name] = (False, o.size, o.etag, o.mtime)
+                else:
+                    self._index_keep(node, o)
+            indexed = await self._indexed(dpath, stale)
+            for name, hint in stale.items():
+                path = join(dpath, name)
+                results[path] = indexed.get(name) or self._listed_node(path, hint)
+                if name not in indexed:
                     order.add(name, hint)
             for name in sorted(list(dirs) + list(files)):
                 path = join(dpath, name)
@@ -956,6 +1034,7 @@ class Filesystem(pyfuse3.Operations):
                     raise
         node.remote = False
         self.keyring.forget(self.s3key(node.path))
+        self._index_forget(self.s3key(node.path))
         self.inodes.listing_remove(node.path)
         self.inodes.detach(node)
 
@@ -1021,6 +1100,7 @@ class Filesystem(pyfuse3.Operations):
                 data.renamed(info)
         self.keyring.rename(old_key, new_key)
         self.keyring.learn(new_key, node.sse_key, node.etag)
+        self._index_forget(old_key)
         if target is not None:
             target.remote = False
         self.inodes.listing_remove(old_path)
@@ -1162,6 +1242,8 @@ class Filesystem(pyfuse3.Operations):
                 except FsError:
                     failed.append(node.path)
         self.keyring.save()
+        if self.index is not None:
+            await self.index.flush()
         return failed
 
     async def retry_loop(self, interval: float = 30.0) -> None:
@@ -1178,3 +1260,5 @@ class Filesystem(pyfuse3.Operations):
                     except FsError:
                         pass
             self.keyring.save()
+            if self.index is not None:
+                await self.index.flush()

@@ -61,6 +61,8 @@ class Node:
     page_id: tuple[str, int] | None = None
     open_count: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # foreign x-amz-meta-* to keep
+    # (etag, size, LastModified) of the listing the metadata index last kept it with
+    indexed: tuple[str, int, float] | None = None
 
     @property
     def is_dir(self) -> bool:
