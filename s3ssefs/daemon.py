@@ -175,7 +175,9 @@ async def preflight(store: ObjectStore, cfg: MountConfig) -> None:
 def fuse_options(cfg: MountConfig) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.discard("default_permissions")
-    opts |= {f"fsname=s3ssefs:{cfg.bucket_path}", "subtype=s3ssefs", "default_permissions"}
+    # noatime: reads never change an atime; only utimensat sets one (x-amz-meta-atime)
+    opts |= {f"fsname=s3ssefs:{cfg.bucket_path}", "subtype=s3ssefs", "default_permissions",
+             "noatime"}
     if cfg.allow_other:
         opts.add("allow_other")
     if cfg.read_only:

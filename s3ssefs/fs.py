@@ -158,6 +158,9 @@ class Filesystem(pyfuse3.Operations):
         self._heads: dict[str, trio.Event] = {}  # prefetch HEADs in flight, by path
         self._relisting: dict[str, trio.Event] = {}  # directories being listed again
         self._too_big: set[str] = set()  # directories found too large to list for lookups
+        # when this mount last created, removed or renamed an entry in a directory (by
+        # path): its mtime and ctime, kept in memory over what S3 says (_probe_dir)
+        self._dir_changed: dict[str, int] = {}
         ctx.s3key = self.s3key
         ctx.write_key = lambda: keyring.current
         ctx.metadata = self.metadata
@@ -244,6 +247,10 @@ class Filesystem(pyfuse3.Operations):
                     raise
         node = self.inodes.find(path)
         attrs = self._attrs(info, is_dir=True)
+        changed = self._dir_changed.get(path)
+        if changed is not None:
+            attrs.mtime_ns = max(attrs.mtime_ns, changed)
+            attrs.ctime_ns = max(attrs.ctime_ns, changed)
         if node is None or not node.is_dir:
             node = self.inodes.create(path, attrs)
         else:
@@ -593,6 +600,10 @@ class Filesystem(pyfuse3.Operations):
             changed = True
         if fields.update_mtime:
             a.mtime_ns = attr.st_mtime_ns
+            self._dir_changed.pop(node.path, None)  # an explicit time wins over our own
+            changed = True
+        if fields.update_atime:  # only when asked (utimensat): reads leave it (noatime)
+            a.atime_ns = attr.st_atime_ns
             changed = True
         if changed or fields.update_size:
             a.ctime_ns = _now_ns()
@@ -845,10 +856,19 @@ class Filesystem(pyfuse3.Operations):
         node.lookups += 1
         self.inodes.listing_add(path, True)
         self.inodes.remember_listing(path, {})  # new and empty: names in it need no lookup
+        self._entries_changed(parent)
         return node.entry(self.ttl)
 
     def _new_gid(self, parent: Node, ctx: Any) -> int:
         return parent.attrs.gid if parent.attrs.mode & stat.S_ISGID else ctx.gid
+
+    def _entries_changed(self, *parents: Node) -> None:
+        """An entry was created, removed or renamed in ``parents``: their mtime and ctime are
+        now (in memory, for the mount's life; not written to S3)."""
+        now = _now_ns()
+        for p in parents:
+            p.attrs.mtime_ns = p.attrs.ctime_ns = now
+            self._dir_changed[p.path] = now
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -876,6 +896,8 @@ class Filesystem(pyfuse3.Operations):
         self.inodes.detach(node)
         self.inodes.listing_remove(node.path)
         self.inodes.invalidate_listing(node.path)
+        self._dir_changed.pop(node.path, None)
+        self._entries_changed(parent)
 
     async def _check_empty(self, node: Node) -> None:
         prefix = self.dirkey(node.path)
@@ -904,6 +926,7 @@ class Filesystem(pyfuse3.Operations):
         node.open_count += 1
         node.lookups += 1
         self.inodes.listing_add(path, False)
+        self._entries_changed(parent)
         fh = self._fh(node)
         self.writers.add(fh)
         self.page_blockers.add(fh)
@@ -1022,6 +1045,7 @@ class Filesystem(pyfuse3.Operations):
         if node.is_dir:
             raise FsError(errno.EISDIR, node.path)
         await self._remove_file(node)
+        self._entries_changed(parent)
 
     async def _remove_file(self, node: Node) -> None:
         if node.data is not None:
@@ -1067,10 +1091,13 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.EISDIR, new_path)
             if target.is_dir:
                 await self._check_empty(target)
+        # the renamed inode's ctime changes (written with the copy of a file)
+        node.attrs.ctime_ns = _now_ns()
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
             await self._rename_file(node, new_path, target)
+        self._entries_changed(old_parent, new_parent)
 
     async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
         old_path = node.path
@@ -1129,6 +1156,8 @@ class Filesystem(pyfuse3.Operations):
             await gather((functools.partial(move_one, o) for o in page.objects),
                          limit=self.cfg.max_requests)
         self.inodes.move(node, new_path)
+        for p in [p for p in self._dir_changed if p == old_path or p.startswith(pre)]:
+            self._dir_changed[new_path + p[len(old_path):]] = self._dir_changed.pop(p)
         for p, n in list(self.inodes.by_path.items()):
             if p == new_path or p.startswith(new_path + "/"):
                 n.fetched = 0.0  # new ETags: look again
@@ -1152,6 +1181,7 @@ class Filesystem(pyfuse3.Operations):
         node.lookups += 1
         self.keyring.learn(self.s3key(path), key, info.etag)
         self.inodes.listing_add(path, False, len(target))
+        self._entries_changed(parent)
         return node.entry(self.ttl)
 
     @_fuse_errors
@@ -1180,6 +1210,7 @@ class Filesystem(pyfuse3.Operations):
         node.fetched = time.monotonic()
         node.lookups += 1
         self.inodes.listing_add(path, False)
+        self._entries_changed(parent)
         return node.entry(self.ttl)
 
     @_fuse_errors

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
-import json
 import logging
 import os
 import sqlite3
@@ -85,17 +83,21 @@ class Entry:
                           metadata=dict(self.metadata), version_id=self.version_id)
 
     def pack(self) -> bytes:
-        return json.dumps([self.etag, self.size, self.listed_mtime, self.head_mtime,
-                           self.key_id, self.version_id, self.metadata],
-                          separators=(",", ":")).encode()
+        """Fields joined by NUL, which no header (so no ETag, id or metadata) can hold; a
+        version id of ``None`` is empty, as S3 never makes one."""
+        fields = [self.etag, str(self.size), repr(self.listed_mtime), repr(self.head_mtime),
+                  self.key_id, self.version_id or ""]
+        for k, v in self.metadata.items():
+            fields += (k, v)
+        return "\0".join(fields).encode("utf-8", "surrogateescape")
 
     @classmethod
     def unpack(cls, raw: bytes) -> Entry:
-        etag, size, listed, head, kid, vid, meta = json.loads(raw)
-        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-            raise ValueError("bad metadata")
-        return cls(str(etag), int(size), float(listed), float(head), str(kid),
-                   None if vid is None else str(vid), meta)
+        f = raw.decode("utf-8", "surrogateescape").split("\0")
+        if len(f) < 6 or len(f) % 2:
+            raise ValueError("malformed entry")
+        return cls(f[0], int(f[1]), float(f[2]), float(f[3]), f[4], f[5] or None,
+                   dict(zip(f[6::2], f[7::2], strict=True)))
 
 
 def index_path(cache_dir: Path, scope: str) -> Path:
@@ -216,8 +218,14 @@ class MetaIndex:
             self._cipher = None
 
     def _id(self, s3key: str) -> bytes:
-        return hmac.new(self._name_key, s3key.encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).digest()[:16]
+        """A keyed hash of the directory, then of the name: the entries of one directory
+        lie together in the file, as a listing asks for them."""
+        d, _, name = s3key.rpartition("/")
+        k = self._name_key
+        return (hashlib.blake2b(d.encode("utf-8", "surrogateescape"), key=k, digest_size=8,
+                                person=b"dir").digest() +
+                hashlib.blake2b(name.encode("utf-8", "surrogateescape"), key=k,
+                                digest_size=12, person=b"name").digest())
 
     # ------------------------------------------------------------------ reading
     async def lookup(self, items: list[tuple[str, str, int, float]]) -> dict[str, Entry]:
