@@ -470,6 +470,7 @@ class Filesystem(pyfuse3.Operations):
             return {}
         got = await self.index.lookup([(self.s3key(join(dpath, name)), h[2], h[1], h[3])
                                        for name, h in hints.items() if not h[0]])
+        self._index_flush(self.index.due())  # entries read are marked as used
         out: dict[str, Node] = {}
         for name, hint in hints.items():
             path = join(dpath, name)

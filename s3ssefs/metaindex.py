@@ -52,6 +52,7 @@ CHECK = b"s3ssefs metadata index"
 FLUSH_AT = 512  # entries noted before a write to disk starts
 QUERY_CHUNK = 500  # ids per SELECT
 KEEP = 0.9  # share of the bound left filled after dropping old entries
+ROW_EXTRA = 40  # bytes an entry takes in the file beyond its sealed blob (id, B-tree cell)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (id BLOB PRIMARY KEY, used INTEGER NOT NULL,
@@ -279,14 +280,15 @@ class MetaIndex:
     def note(self, s3key: str, entry: Entry) -> bool:
         """Remember ``entry`` for ``s3key``; True when a :meth:`flush` should start."""
         self._pending[s3key] = entry
-        return self._due()
+        return self.due()
 
     def forget(self, s3key: str) -> bool:
         """``s3key`` is gone (or renamed): drop its entry; True as :meth:`note`."""
         self._pending[s3key] = None
-        return self._due()
+        return self.due()
 
-    def _due(self) -> bool:
+    def due(self) -> bool:
+        """True (once) when enough was noted or read to start a :meth:`flush`."""
         if self._flush_due or len(self._pending) + len(self._touched) < FLUSH_AT:
             return False
         self._flush_due = True
@@ -328,11 +330,13 @@ class MetaIndex:
             try:
                 with self._db:
                     self._db.executemany("DELETE FROM entries WHERE id=?", drop)
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO entries(id, used, sealed) VALUES (?, ?, ?)", put)
                     self._db.executemany("UPDATE entries SET used=? WHERE id=?",
                                          [(self._session, rid) for rid in touched])
-                self._bound()
+                    self._bound(sum(len(p[2]) + ROW_EXTRA for p in put))
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO entries(id, used, sealed) VALUES (?, ?, ?)", put)
+                if self._pragma("page_count") * self._pragma("page_size") > 2 * self.max_bytes:
+                    self._db.execute("VACUUM")  # a bound lowered since the file grew
             except sqlite3.DatabaseError as e:
                 self._discard(f"write failed: {e}")
 
@@ -340,22 +344,26 @@ class MetaIndex:
         assert self._db is not None
         return int(self._db.execute(f"PRAGMA {name}").fetchone()[0])
 
-    def _bound(self) -> None:
-        """Drop the entries used longest ago while the live pages pass ``max_bytes``."""
+    def _bound(self, incoming: int) -> None:
+        """Make room for about ``incoming`` bytes of entries within ``max_bytes``: when the
+        pages in use and those would pass it, drop the entries used longest ago, down to
+        :data:`KEEP` of the bound (so this happens once in many writes, not at each)."""
         assert self._db is not None
-        page = self._pragma("page_size")
-        live = (self._pragma("page_count") - self._pragma("freelist_count")) * page
-        if live <= self.max_bytes:
+        live = (self._pragma("page_count") - self._pragma("freelist_count")) * \
+            self._pragma("page_size")
+        if live + incoming <= self.max_bytes:
             return
         count = int(self._db.execute("SELECT count(*) FROM entries").fetchone()[0])
-        keep = int(count * KEEP * self.max_bytes / live)
-        with self._db:
-            self._db.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries "
-                             "ORDER BY used LIMIT ?)", (count - keep,))
+        if not count:
+            return
+        per_entry = live / count
+        keep = max(0, int((KEEP * self.max_bytes - incoming) / per_entry))
+        if keep >= count:
+            return
+        self._db.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries "
+                         "ORDER BY used LIMIT ?)", (count - keep,))
         log.debug("metadata index: dropped %d old entries (bound %d bytes)", count - keep,
                   self.max_bytes)
-        if self._pragma("page_count") * page > 2 * self.max_bytes:
-            self._db.execute("VACUUM")  # a bound lowered since the file grew
 
 
 def open_index(cache_dir: Path, keyfile: KeyFile | None, scope: str, max_bytes: int,
