@@ -200,8 +200,11 @@ class Filesystem(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ probing S3
     async def _probe(self, path: str, hint: tuple[bool, int, str, float] | None = None,
-                     ) -> Node:
-        """Find what ``path`` is in S3 (file, symlink, directory) and make/refresh its node."""
+                     listed: tuple[bool, int, str, float] | None = None) -> Node:
+        """Find what ``path`` is in S3 (file, symlink, directory) and make/refresh its node.
+        What a HEAD says of a file goes to the metadata index with the listing that showed
+        it: ``hint``, else ``listed`` (a listing older than ``dir_ttl``, which only this may
+        use: an entry is kept only if the HEAD finds the object the listing showed)."""
         if hint is None or not hint[0]:
             try:
                 info, key = await self.view.head(path, self.s3key(path))
@@ -215,8 +218,9 @@ class Filesystem(pyfuse3.Operations):
             else:
                 if hint is None or not hint[0]:
                     node = self._file_node(path, info, key)
-                    if hint is not None:
-                        self._index_note(node, hint, info, key)
+                    seen = hint if hint is not None else listed
+                    if seen is not None:
+                        self._index_note(node, seen, info, key)
                     return node
         return await self._probe_dir(path)
 
@@ -342,8 +346,9 @@ class Filesystem(pyfuse3.Operations):
             indexed = await self._indexed(parent.path, {name: hint})
             if name in indexed:
                 return indexed[name]
+        order = self._listed.get(parent.path) if hint is None else None
         try:
-            node = await self._probe(path, hint)
+            node = await self._probe(path, hint, order.hints.get(name) if order else None)
         except FsError as e:
             if e.errno == errno.ENOENT:
                 self.inodes.missed(parent.path)
