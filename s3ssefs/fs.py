@@ -278,6 +278,7 @@ class Filesystem(pyfuse3.Operations):
             node.attrs = attrs
         node.etag = info.etag
         node.version_id = info.version_id
+        node.server_mtime = info.mtime
         node.sse_key = key
         node.metadata = info.metadata
         node.locked = False
@@ -509,10 +510,13 @@ class Filesystem(pyfuse3.Operations):
 
     def _index_keep(self, node: Node, o: ObjectInfo) -> None:
         """Keep what this mount knows of a listed file it has fresh attributes of (it wrote
-        or HEADed it) when the listing shows the object it knows."""
+        or HEADed it) when the listing shows the object it knows: same ETag and size, and
+        the LastModified its HEAD said, to the second (after a write from here that is not
+        known, and the listing's is taken)."""
         if self.index is None or node.locked or not node.remote or node.is_dir or \
                 node.etag != o.etag or node.attrs.size != o.size or node.data is not None or \
-                node.indexed == (o.etag, o.size, o.mtime):
+                node.indexed == (o.etag, o.size, o.mtime) or \
+                (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)):
             return
         node.indexed = (o.etag, o.size, o.mtime)
         key = node.sse_key
@@ -669,6 +673,7 @@ class Filesystem(pyfuse3.Operations):
                                      version_id=info.version_id)
         node.etag = info.etag
         node.version_id = info.version_id
+        node.server_mtime = None
         node.fetched = time.monotonic()
 
     async def _data_for(self, node: Node) -> tuple[FileData, bool]:
@@ -1026,6 +1031,7 @@ class Filesystem(pyfuse3.Operations):
             log.error("upload of s3://%s/%s failed, data kept locally for retry: %s",
                       self.store.bucket, self.s3key(node.path), e)
             raise FsError(errno.EIO, str(e)) from None
+        node.server_mtime = None
         self.keyring.learn(self.s3key(node.path), node.sse_key, node.etag)
         self.inodes.listing_add(node.path, False, data.size)
 
@@ -1129,6 +1135,7 @@ class Filesystem(pyfuse3.Operations):
                 info = await self.store.head(new_key, node.sse_key)
             node.etag = info.etag
             node.version_id = info.version_id
+            node.server_mtime = None
             if data is not None:
                 data.renamed(info)
         self.keyring.rename(old_key, new_key)

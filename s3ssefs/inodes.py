@@ -62,6 +62,8 @@ class Node:
     open_count: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # foreign x-amz-meta-* to keep
     unlinked: bool = False  # no name leads to it any more (st_nlink 0 while it is open)
+    # LastModified its last HEAD said (None: unknown, as after a write from here)
+    server_mtime: float | None = None
     # (etag, size, LastModified) of the listing the metadata index last kept it with
     indexed: tuple[str, int, float] | None = None
 

@@ -188,3 +188,25 @@ def test_an_index_made_with_another_key_file_is_not_used(mount_factory: Any, s3:
     m2.umount()
     for f in (m.cache_dir / "meta").iterdir():
         assert_no_key_material(f.read_bytes(), str(f))
+
+
+def test_what_the_mount_knows_is_not_kept_for_an_object_changed_since(
+        mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
+    """A file this mount HEADed, then changed by another client in its metadata alone (same
+    ETag on RGW) while the mount still trusts its attributes: the next listing shows another
+    LastModified, so what the mount knows is not kept for that listing."""
+    m = mount_factory(bucket, *LONG)
+
+    def put(mode: int) -> int:
+        s3.put_object(Bucket=bucket, Key="f", Body=b"same", **sse(key),
+                      Metadata={"mode": str(stat.S_IFREG | mode)})
+        return int(s3.head_object(Bucket=bucket, Key="f", **sse(key))["LastModified"]
+                   .timestamp())
+
+    first = put(0o600)
+    assert (m.path / "f").stat().st_mode == stat.S_IFREG | 0o600  # one HEAD, no listing
+    while put(0o644) == first:  # LastModified counts seconds in a HEAD
+        pass
+    assert ls_l(m.path)["f"][0] == stat.S_IFREG | 0o600  # attr_ttl: not asked again yet
+    m.remount()
+    assert ls_l(m.path)["f"][0] == stat.S_IFREG | 0o644
