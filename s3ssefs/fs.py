@@ -343,7 +343,7 @@ class Filesystem(pyfuse3.Operations):
             if hint is None:
                 self.inodes.missed(parent.path)
                 raise FsError(errno.ENOENT, f"no such file: {path}")
-        if hint is not None and not hint[0]:
+        if hint is not None and not hint[0] and hint[2]:  # as S3 listed it
             indexed = await self._indexed(parent.path, {name: hint})
             if name in indexed:
                 return indexed[name]
