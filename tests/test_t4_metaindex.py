@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def fill(m: Any, s3: Any, bucket: str, key: Key) -> dict[str, tuple[int, int, in
 
 
 def test_ls_l_after_a_remount_sends_no_head(mount_factory: Any, s3: Any, bucket: str,
-                                            key: Key) -> None:
+                                            key: Key, tmp_path: Path) -> None:
     m = mount_factory(bucket, *LONG)
     want = fill(m, s3, bucket, key)
     assert ls_l(m.path) == want  # the other client's files: HEADed once, here
@@ -74,9 +75,12 @@ def test_ls_l_after_a_remount_sends_no_head(mount_factory: Any, s3: Any, bucket:
     before = heads(m)
     assert ls_l(m.path) == want
     assert heads(m) == before, "ls -l after a remount sent HEADs"
-    # find, du and a plain stat of each name look at the same attributes
+    # find, du, rsync and a plain stat of each name look at the same attributes
     assert {p.name: p.lstat().st_mode for p in m.path.rglob("*")} == \
         {n: w[0] for n, w in want.items()}
+    for cmd in (["find", ".", "-newer", "f000", "-printf", "%m %u %s %T@\n"], ["du", "-s", "."],
+                ["rsync", "-an", "--itemize-changes", "./", str(tmp_path / "copy")]):
+        subprocess.run(cmd, cwd=m.path, check=True, capture_output=True)
     assert heads(m) == before
     # reading still checks S3 (close-to-open) and gets the content
     assert (m.path / "f001").read_bytes() == b"f001" * 2
