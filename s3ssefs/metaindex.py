@@ -64,6 +64,12 @@ class _Unusable(Exception):
     """The file on disk is not an index this mount can trust."""
 
 
+def _busy(e: Exception) -> bool:
+    """Another mount of the same bucket holds the file longer than the connection waits:
+    nothing wrong with it, so it is left alone."""
+    return getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 @dataclass(slots=True)
 class Entry:
     """What a HEAD said of one object, and how a listing showed it then."""
@@ -142,6 +148,10 @@ class MetaIndex:
             self._connect()
             self._load()
         except (sqlite3.DatabaseError, _Unusable, CorruptBlock, ValueError) as e:
+            if _busy(e):
+                log.info("metadata index %s busy (%s): none this mount", self.path, e)
+                self._close()
+                return
             self._discard(str(e) or type(e).__name__)
 
     def _connect(self) -> None:
@@ -203,20 +213,19 @@ class MetaIndex:
     def _discard(self, why: str) -> None:
         """Throw the index away and start an empty one (called with the lock held)."""
         log.info("metadata index %s discarded (%s); starting a new one", self.path, why)
+        self._close()
+        try:
+            self._create()
+        except (OSError, sqlite3.Error, _Unusable) as e:
+            log.info("metadata index %s not available: %s", self.path, e)
+            self._close()
+
+    def _close(self) -> None:
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
         self._db = None
         self._cipher = None
-        try:
-            self._create()
-        except (OSError, sqlite3.Error, _Unusable) as e:
-            log.info("metadata index %s not available: %s", self.path, e)
-            if self._db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.close()
-            self._db = None
-            self._cipher = None
 
     def _id(self, s3key: str) -> bytes:
         """A keyed hash of the directory, then of the name: the entries of one directory
@@ -272,7 +281,8 @@ class MetaIndex:
                             if used < self._session:
                                 touched.add(rid)
             except (sqlite3.DatabaseError, CorruptBlock, ValueError, TypeError, KeyError) as e:
-                self._discard(f"unreadable: {e}")
+                if not _busy(e):
+                    self._discard(f"unreadable: {e}")
                 return {}, set()
         return found, touched
 
@@ -310,10 +320,7 @@ class MetaIndex:
         touched, self._touched = self._touched, set()
         self._write(pending, touched)
         with self._lock:
-            if self._db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.close()
-                self._db = None
+            self._close()
 
     def _write(self, pending: dict[str, Entry | None], touched: set[bytes]) -> None:
         with self._lock:
@@ -338,7 +345,10 @@ class MetaIndex:
                 if self._pragma("page_count") * self._pragma("page_size") > 2 * self.max_bytes:
                     self._db.execute("VACUUM")  # a bound lowered since the file grew
             except sqlite3.DatabaseError as e:
-                self._discard(f"write failed: {e}")
+                if _busy(e):  # another mount's turn: these entries are simply not kept
+                    log.debug("metadata index busy, %d entries not kept", len(put))
+                else:
+                    self._discard(f"write failed: {e}")
 
     def _pragma(self, name: str) -> int:
         assert self._db is not None
