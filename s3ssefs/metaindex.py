@@ -147,7 +147,7 @@ class MetaIndex:
         try:
             self._connect()
             self._load()
-        except (sqlite3.DatabaseError, _Unusable, CorruptBlock, ValueError) as e:
+        except (sqlite3.DatabaseError, _Unusable, CorruptBlock, ValueError, KeyError) as e:
             if _busy(e):
                 log.info("metadata index %s busy (%s): none this mount", self.path, e)
                 self._close()
