@@ -105,7 +105,7 @@ def test_an_index_sealed_with_another_key_file_is_discarded(
     assert len(lookup(path, kf, [shown(i) for i in range(20)])) == 5
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbled", "swapped", "emptied"])
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "swapped", "headless", "emptied"])
 def test_a_damaged_index_gives_nothing_wrong(tmp_path: Path, damage: str) -> None:
     kf = keyfile("k1")
     path = index_path(tmp_path, SCOPE)
@@ -123,6 +123,11 @@ def test_a_damaged_index_gives_nothing_wrong(tmp_path: Path, damage: str) -> Non
         (a, va), (b, vb) = db.execute("SELECT id, sealed FROM entries LIMIT 2").fetchall()
         db.execute("UPDATE entries SET sealed=? WHERE id=?", (vb, a))
         db.execute("UPDATE entries SET sealed=? WHERE id=?", (va, b))
+        db.commit()
+        db.close()
+    elif damage == "headless":  # what says which key sealed it is gone
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM meta WHERE name='key_id'")
         db.commit()
         db.close()
     else:
