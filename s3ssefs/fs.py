@@ -492,6 +492,8 @@ class Filesystem(pyfuse3.Operations):
                 continue  # open here: what this mount knows wins
             node = self._file_node(path, e.info(s3key), key)
             node.indexed = (hint[2], hint[1], hint[3])
+            if node.is_link and e.link is not None:
+                node.link_target = e.link
             self.keyring.learn(s3key, key, e.etag)
             out[name] = node
         return out
@@ -519,10 +521,20 @@ class Filesystem(pyfuse3.Operations):
                 (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)):
             return
         node.indexed = (o.etag, o.size, o.mtime)
+        self._index_node(node)
+
+    def _index_node(self, node: Node) -> None:
+        """Keep what this mount knows of ``node`` for the listing ``node.indexed`` names:
+        the metadata its HEAD said (so the mount's uid, gid and umask defaults apply to what
+        it lacks, as for a HEAD), or after a write from here, the metadata written."""
+        assert self.index is not None and node.indexed is not None
+        etag, size, mtime = node.indexed
         key = node.sse_key
+        head = node.server_mtime
         self._index_flush(self.index.note(self.s3key(node.path), Entry(
-            o.etag, o.size, o.mtime, o.mtime, key.id if key else PLAIN, node.version_id,
-            self.metadata(node))))
+            etag, size, mtime, mtime if head is None else head, key.id if key else PLAIN,
+            node.version_id, self.metadata(node) if head is None else dict(node.metadata),
+            node.link_target if node.is_link else None)))
 
     def _index_forget(self, s3key: str) -> None:
         if self.index is not None:
@@ -1206,6 +1218,9 @@ class Filesystem(pyfuse3.Operations):
             node.link_target = bytes(await self.store.get_range(
                 self.s3key(node.path), 0, max(node.attrs.size, 1) + 4096, node.sse_key,
                 node.version_id))
+            if self.index is not None and node.indexed is not None and \
+                    node.indexed[0] == node.etag:
+                self._index_node(node)  # with its target: ls -l reads it each time
         return node.link_target
 
     @_fuse_errors

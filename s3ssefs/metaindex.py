@@ -81,6 +81,7 @@ class Entry:
     key_id: str  # "" for an object stored without SSE-C
     version_id: str | None
     metadata: dict[str, str]
+    link: bytes | None = None  # a symlink's target (its body), once read: ls -l shows it
 
     def matches(self, etag: str, size: int, mtime: float) -> bool:
         return bool(etag) and (self.etag, self.size, self.listed_mtime) == (etag, size, mtime)
@@ -90,10 +91,11 @@ class Entry:
                           metadata=dict(self.metadata), version_id=self.version_id)
 
     def pack(self) -> bytes:
-        """Fields joined by NUL, which no header (so no ETag, id or metadata) can hold; a
-        version id of ``None`` is empty, as S3 never makes one."""
+        """Fields joined by NUL, which no header (so no ETag, id or metadata) and no symlink
+        target can hold; a version id or target of ``None`` is empty, as neither can be."""
+        link = self.link.decode("utf-8", "surrogateescape") if self.link else ""
         fields = [self.etag, str(self.size), repr(self.listed_mtime), repr(self.head_mtime),
-                  self.key_id, self.version_id or ""]
+                  self.key_id, self.version_id or "", link]
         for k, v in self.metadata.items():
             fields += (k, v)
         return "\0".join(fields).encode("utf-8", "surrogateescape")
@@ -101,10 +103,11 @@ class Entry:
     @classmethod
     def unpack(cls, raw: bytes) -> Entry:
         f = raw.decode("utf-8", "surrogateescape").split("\0")
-        if len(f) < 6 or len(f) % 2:
+        if len(f) < 7 or len(f) % 2 == 0:
             raise ValueError("malformed entry")
         return cls(f[0], int(f[1]), float(f[2]), float(f[3]), f[4], f[5] or None,
-                   dict(zip(f[6::2], f[7::2], strict=True)))
+                   dict(zip(f[7::2], f[8::2], strict=True)),
+                   f[6].encode("utf-8", "surrogateescape") or None)
 
 
 def index_path(cache_dir: Path, scope: str) -> Path:

@@ -214,3 +214,34 @@ def test_what_the_mount_knows_is_not_kept_for_an_object_changed_since(
     assert ls_l(m.path)["f"][0] == stat.S_IFREG | 0o600  # attr_ttl: not asked again yet
     m.remount()
     assert ls_l(m.path)["f"][0] == stat.S_IFREG | 0o644
+
+
+def test_symlinks_after_a_remount_need_no_request(mount_factory: Any, s3: Any, bucket: str,
+                                                  key: Key) -> None:
+    """``ls -l`` reads every symlink's target: it is kept with the link's metadata."""
+    m = mount_factory(bucket, *LONG)
+    want = {}
+    for i in range(10):
+        os.symlink(f"target-{i}" * (i + 1), m.path / f"l{i}")
+        want[f"l{i}"] = f"target-{i}" * (i + 1)
+    # one made by another client, as s3fs stores a symlink
+    s3.put_object(Bucket=bucket, Key="other", Body=b"../elsewhere", **sse(key),
+                  Metadata={"mode": str(stat.S_IFLNK | 0o777)})
+    want["other"] = "../elsewhere"
+    subprocess.run(["ls", "-l", str(m.path)], check=True, capture_output=True)
+    m.remount()
+    before = mount_stats(m)["requests"]
+    r = subprocess.run(["ls", "-l", str(m.path)], check=True, capture_output=True, text=True)
+    after = mount_stats(m)["requests"]
+    assert {n: os.readlink(m.path / n) for n in want} == want
+    for name, target in want.items():
+        assert f"{name} -> {target}" in r.stdout
+    asked = {k: after.get(k, 0) - before.get(k, 0) for k in ("head", "get")}
+    assert asked == {"head": 0, "get": 0}, asked
+    # what the object lacks (uid, gid) is still the mount's default, not the last mount's
+    m.umount()
+    m.extra += ["--uid", "4242", "--gid", "4343"]
+    m.mount()
+    st = os.lstat(m.path / "other")
+    assert (st.st_uid, st.st_gid) == (4242, 4343)
+    assert os.readlink(m.path / "other") == "../elsewhere"
