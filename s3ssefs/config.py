@@ -143,6 +143,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_stream_max", parse_size,
            "largest file a sequential read puts in the block cache (default: cache_size)",
            metavar="SIZE"),
+    Option("meta_index_size", parse_size,
+           "upper bound of the encrypted metadata index that spares a HEAD per listed file "
+           "after a remount (0: keep none)", metavar="SIZE"),
     Option("random_readahead", parse_size,
            "a small random read that misses also fetches, in the background, the aligned "
            "region of this size around it (default 0: only the 64K around the read)",
@@ -212,6 +215,7 @@ class MountConfig:
     cache_size: int = 2 << 30
     cache_stream_max: int | None = None  # None: cache_size
     random_readahead: int = 0
+    meta_index_size: int = 64 << 20
     read_only: bool = False
     as_of: _dt.datetime | None = None
     allow_other: bool = False

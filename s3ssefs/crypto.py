@@ -16,6 +16,10 @@ GCM authenticates as well as encrypts, and callers pass *associated data* naming
 is (which object, which block); a file that was truncated, corrupted or swapped for another
 fails to open instead of returning wrong data.  Nonces are random: at 96 bits that is safe for
 far more blobs than one mount writes.
+
+The one thing meant to outlive a mount, the metadata index (:mod:`s3ssefs.metaindex`), is
+sealed instead with a key derived (HKDF-SHA256) from a key of the key file: readable by the
+next mount with the same key file, by nothing else.
 """
 
 from __future__ import annotations
@@ -44,20 +48,25 @@ class CorruptBlock(Exception):
     """A sealed blob failed authentication or is truncated."""
 
 
+def derive_key(material: bytes, salt: bytes, label: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 of secret ``material``: a key for one purpose (``label``) that tells
+    nothing of the material it came from."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=label).derive(material)
+
+
 class LocalCipher:
-    """AES-256-GCM with a key held only in memory: random per mount, or :meth:`derived`."""
+    """AES-256-GCM with a random key made per mount, held only in memory (or with ``key``, one
+    made by :func:`derive_key`)."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._aead = AESGCM(key if key is not None else AESGCM.generate_key(bit_length=256))
 
     @classmethod
     def derived(cls, secret: bytes, salt: bytes, purpose: bytes) -> LocalCipher:
-        """A cipher whose key is HKDF-SHA256 of ``secret`` (a key file's key) with ``salt``
+        """A cipher whose key is derived from ``secret`` (a key file's key) with ``salt``
         (random, stored beside what it seals) and ``purpose``: the same three give the same
         key in a later process, and the derived key tells nothing about ``secret``."""
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt,
-                    info=b"s3ssefs local " + purpose)
-        return cls(hkdf.derive(secret))
+        return cls(derive_key(secret, salt, b"s3ssefs local " + purpose))
 
     def __repr__(self) -> str:
         return "<LocalCipher>"  # never show key material

@@ -42,6 +42,7 @@ from s3ssefs.fs import Filesystem
 from s3ssefs.keyring import KeyRing, load_keyfile
 from s3ssefs.keys import Key, KeyFile
 from s3ssefs.logsetup import escape_controls, syslog_available
+from s3ssefs.metaindex import open_index, scope_of
 from s3ssefs.pages import KernelPages
 from s3ssefs.recovery import journals, recover
 from s3ssefs.runtime import (
@@ -198,7 +199,9 @@ async def probe_write(store: ObjectStore, cfg: MountConfig, write_key: Key | Non
 def fuse_options(cfg: MountConfig) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.discard("default_permissions")
-    opts |= {f"fsname=s3ssefs:{cfg.bucket_path}", "subtype=s3ssefs", "default_permissions"}
+    # noatime: reads never change an atime; only utimensat sets one (x-amz-meta-atime)
+    opts |= {f"fsname=s3ssefs:{cfg.bucket_path}", "subtype=s3ssefs", "default_permissions",
+             "noatime"}
     if cfg.allow_other:
         opts.add("allow_other")
     if cfg.read_only:
@@ -273,7 +276,10 @@ class Mount:
                        write_key=lambda: None, metadata=lambda n: {}, stats=self.stats)
         view = (AsOfView(self.store, self.keyring, cfg.as_of) if cfg.as_of is not None
                 else LiveView(self.store, self.keyring))
-        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx, view)
+        # an as_of view shows old versions, which a HEAD names: no index for it
+        self.index = None if cfg.as_of is not None else open_index(
+            base, keyfile, scope_of(cfg), cfg.meta_index_size, self.stats)
+        self.fs = Filesystem(cfg, self.store, self.keyring, self.ctx, view, self.index)
         self.failed: list[str] = []
         self._stopping = False
 
@@ -390,6 +396,8 @@ class Mount:
             registry.unlink(missing_ok=True)
             registry.with_suffix(".sock").unlink(missing_ok=True)
             self.keyring.save()
+            if self.index is not None:
+                self.index.close()
             self.cache.close()
         if self.failed:
             log.error("unmounted with %d file(s) not uploaded: %s; %s", len(self.failed),

@@ -30,7 +30,8 @@ from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.files import Ctx, FileData, WriteFailed
 from s3ssefs.inodes import MAX_CACHED_ENTRIES, ROOT, InodeTable, Listing, Node, check_name, join
-from s3ssefs.keyring import KeyRing
+from s3ssefs.keyring import PLAIN, KeyRing
+from s3ssefs.keys import Key
 from s3ssefs.meta import (
     XATTR,
     Attrs,
@@ -42,6 +43,7 @@ from s3ssefs.meta import (
     storable_xattr_name,
     xattr_room,
 )
+from s3ssefs.metaindex import Entry, MetaIndex
 from s3ssefs.store import ListPage, ObjectInfo, ObjectStore
 from s3ssefs.view import LiveView
 
@@ -142,7 +144,7 @@ class Filesystem(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, cfg: MountConfig, store: ObjectStore, keyring: KeyRing, ctx: Ctx,
-                 view: LiveView | None = None) -> None:
+                 view: LiveView | None = None, index: MetaIndex | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.store = store
@@ -150,6 +152,7 @@ class Filesystem(pyfuse3.Operations):
         # what the bucket shows: live, or as it was at cfg.as_of (reads go through the view)
         self.view = view or LiveView(store, keyring)
         self.ctx = ctx
+        self.index = index  # what HEADs said in earlier mounts (s3ssefs.metaindex)
         self.ttl = cfg.attr_ttl
         now = _now_ns()
         root = Attrs(mode=stat.S_IFDIR | (0o777 & ~cfg.umask), uid=cfg.uid, gid=cfg.gid,
@@ -166,6 +169,9 @@ class Filesystem(pyfuse3.Operations):
         self._relisting: dict[str, trio.Event] = {}  # directories being listed again
         self._removing: dict[int, trio.Event] = {}  # files being unlinked, by inode
         self._too_big: set[str] = set()  # directories found too large to list for lookups
+        # when this mount last created, removed or renamed an entry in a directory (by
+        # path): its mtime and ctime, kept in memory over what S3 says (_probe_dir)
+        self._dir_changed: dict[str, int] = {}
         ctx.s3key = self.s3key
         ctx.write_key = lambda: keyring.current
         ctx.metadata = self.metadata
@@ -205,8 +211,11 @@ class Filesystem(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ probing S3
     async def _probe(self, path: str, hint: tuple[bool, int, str, float] | None = None,
-                     ) -> Node:
-        """Find what ``path`` is in S3 (file, symlink, directory) and make/refresh its node."""
+                     listed: tuple[bool, int, str, float] | None = None) -> Node:
+        """Find what ``path`` is in S3 (file, symlink, directory) and make/refresh its node.
+        What a HEAD says of a file goes to the metadata index with the listing that showed
+        it: ``hint``, else ``listed`` (a listing older than ``dir_ttl``, which only this may
+        use: an entry is kept only if the HEAD finds the object the listing showed)."""
         if hint is None or not hint[0]:
             try:
                 info, key = await self.view.head(path, self.s3key(path))
@@ -219,7 +228,11 @@ class Filesystem(pyfuse3.Operations):
                     raise
             else:
                 if hint is None or not hint[0]:
-                    return self._file_node(path, info, key)
+                    node = self._file_node(path, info, key)
+                    seen = hint if hint is not None else listed
+                    if seen is not None:
+                        self._index_note(node, seen, info, key)
+                    return node
         return await self._probe_dir(path)
 
     async def _list_hint(self, path: str) -> tuple[bool, int, str, float]:
@@ -251,6 +264,10 @@ class Filesystem(pyfuse3.Operations):
                 locked = e.errno == errno.EACCES
         node = self.inodes.find(path)
         attrs = self._attrs(info, is_dir=True)
+        changed = self._dir_changed.get(path)
+        if changed is not None:
+            attrs.mtime_ns = max(attrs.mtime_ns, changed)
+            attrs.ctime_ns = max(attrs.ctime_ns, changed)
         if node is None or not node.is_dir:
             node = self.inodes.create(path, attrs)
         else:
@@ -275,6 +292,7 @@ class Filesystem(pyfuse3.Operations):
             node.attrs = attrs
         node.etag = info.etag
         node.version_id = info.version_id
+        node.server_mtime = info.mtime
         node.sse_key = key
         node.metadata = info.metadata
         node.locked = False
@@ -347,8 +365,13 @@ class Filesystem(pyfuse3.Operations):
             if hint is None:
                 self.inodes.missed(parent.path)
                 raise FsError(errno.ENOENT, f"no such file: {path}")
+        if hint is not None and not hint[0] and hint[2]:  # as S3 listed it
+            indexed = await self._indexed(parent.path, {name: hint})
+            if name in indexed:
+                return indexed[name]
+        order = self._listed.get(parent.path) if hint is None else None
         try:
-            node = await self._probe(path, hint)
+            node = await self._probe(path, hint, order.hints.get(name) if order else None)
         except FsError as e:
             if e.errno == errno.ENOENT:
                 self.inodes.missed(parent.path)
@@ -457,7 +480,7 @@ class Filesystem(pyfuse3.Operations):
             got = await self.view.head_many([(p, self.s3key(p)) for p, _ in files])
             for (path, hint), res in zip(files, got, strict=True):
                 if not isinstance(res, FsError):
-                    self._file_node(path, *res)
+                    self._index_note(self._file_node(path, *res), hint, *res)
                 elif res.errno == errno.EACCES:
                     self._locked_node(path, hint)
         except Exception as e:
@@ -465,6 +488,83 @@ class Filesystem(pyfuse3.Operations):
         finally:
             for path, _ in files:
                 self._heads.pop(path).set()
+
+    # ------------------------------------------------------------------ metadata index
+    async def _indexed(self, dpath: str, hints: dict[str, tuple[bool, int, str, float]],
+                       ) -> dict[str, Node]:
+        """Nodes for the listed files of ``dpath`` (name → listing hint) that the metadata
+        index knows as the listing shows them: what their HEAD would say, without one."""
+        if self.index is None or not hints:
+            return {}
+        got = await self.index.lookup([(self.s3key(join(dpath, name)), h[2], h[1], h[3])
+                                       for name, h in hints.items() if not h[0]])
+        self._index_flush(self.index.due())  # entries read are marked as used
+        out: dict[str, Node] = {}
+        for name, hint in hints.items():
+            path = join(dpath, name)
+            s3key = self.s3key(path)
+            e = got.get(s3key)
+            if e is None:
+                continue
+            key = self.keyring.by_id(e.key_id) if e.key_id != PLAIN else None
+            if e.key_id != PLAIN and key is None:
+                continue  # its key left the key file: S3 says what opens it now
+            node = self.inodes.find(path)
+            if node is not None and node.data is not None:
+                continue  # open here: what this mount knows wins
+            node = self._file_node(path, e.info(s3key), key)
+            node.indexed = (hint[2], hint[1], hint[3])
+            if node.is_link and e.link is not None:
+                node.link_target = e.link
+            self.keyring.learn(s3key, key, e.etag)
+            out[name] = node
+        return out
+
+    def _index_note(self, node: Node, hint: tuple[bool, int, str, float], info: ObjectInfo,
+                    key: Key | None) -> None:
+        """Keep what a HEAD said of a listed file, if the object is still the one the listing
+        showed (a HEAD's LastModified is the listing's, to the second)."""
+        if self.index is None or hint[0] or not hint[2] or \
+                (info.etag, info.size, int(info.mtime)) != (hint[2], hint[1], int(hint[3])):
+            return
+        node.indexed = (hint[2], hint[1], hint[3])
+        self._index_flush(self.index.note(self.s3key(node.path), Entry(
+            hint[2], hint[1], hint[3], info.mtime, key.id if key else PLAIN, info.version_id,
+            dict(info.metadata))))
+
+    def _index_keep(self, node: Node, o: ObjectInfo) -> None:
+        """Keep what this mount knows of a listed file it has fresh attributes of (it wrote
+        or HEADed it) when the listing shows the object it knows: same ETag and size, and
+        the LastModified its HEAD said, to the second (after a write from here that is not
+        known, and the listing's is taken)."""
+        if self.index is None or node.locked or not node.remote or node.is_dir or \
+                node.etag != o.etag or node.attrs.size != o.size or node.data is not None or \
+                node.indexed == (o.etag, o.size, o.mtime) or \
+                (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)):
+            return
+        node.indexed = (o.etag, o.size, o.mtime)
+        self._index_node(node)
+
+    def _index_node(self, node: Node) -> None:
+        """Keep what this mount knows of ``node`` for the listing ``node.indexed`` names:
+        the metadata its HEAD said (so the mount's uid, gid and umask defaults apply to what
+        it lacks, as for a HEAD), or after a write from here, the metadata written."""
+        assert self.index is not None and node.indexed is not None
+        etag, size, mtime = node.indexed
+        key = node.sse_key
+        head = node.server_mtime
+        self._index_flush(self.index.note(self.s3key(node.path), Entry(
+            etag, size, mtime, mtime if head is None else head, key.id if key else PLAIN,
+            node.version_id, self.metadata(node) if head is None else dict(node.metadata),
+            node.link_target if node.is_link else None)))
+
+    def _index_forget(self, s3key: str) -> None:
+        if self.index is not None:
+            self._index_flush(self.index.forget(s3key))
+
+    def _index_flush(self, due: bool) -> None:
+        if due and self.index is not None and self.ctx.nursery is not None:
+            self.ctx.nursery.start_soon(self.index.flush)
 
     async def _refresh(self, node: Node) -> None:
         if self._fresh(node):
@@ -544,6 +644,10 @@ class Filesystem(pyfuse3.Operations):
             changed = True
         if fields.update_mtime:
             a.mtime_ns = attr.st_mtime_ns
+            self._dir_changed.pop(node.path, None)  # an explicit time wins over our own
+            changed = True
+        if fields.update_atime:  # only when asked (utimensat): reads leave it (noatime)
+            a.atime_ns = attr.st_atime_ns
             changed = True
         if changed or fields.update_size:
             a.ctime_ns = _now_ns()
@@ -605,6 +709,7 @@ class Filesystem(pyfuse3.Operations):
                                      version_id=info.version_id)
         node.etag = info.etag
         node.version_id = info.version_id
+        node.server_mtime = None
         node.fetched = time.monotonic()
 
     async def _data_for(self, node: Node) -> tuple[FileData, bool]:
@@ -715,13 +820,20 @@ class Filesystem(pyfuse3.Operations):
         async for page in self.view.list_pages(prefix, delimiter="/"):
             dirs, files = self._page_names(dpath, prefix, page)
             results: dict[str, Node] = {}
+            stale: dict[str, tuple[bool, int, str, float]] = {}
             for name, o in files.items():
                 path = join(dpath, name)
                 node = self.inodes.find(path)
                 if node is None or not self._fresh(node) or (node.etag != o.etag and \
                         (node.data is None or not node.data.dirty)):
-                    hint = (False, o.size, o.etag, o.mtime)
-                    results[path] = self._listed_node(path, hint)
+                    stale[name] = (False, o.size, o.etag, o.mtime)
+                else:
+                    self._index_keep(node, o)
+            indexed = await self._indexed(dpath, stale)
+            for name, hint in stale.items():
+                path = join(dpath, name)
+                results[path] = indexed.get(name) or self._listed_node(path, hint)
+                if name not in indexed:
                     order.add(name, hint)
             for name in sorted(list(dirs) + list(files)):
                 path = join(dpath, name)
@@ -811,10 +923,19 @@ class Filesystem(pyfuse3.Operations):
         node.lookups += 1
         self.inodes.listing_add(path, True)
         self.inodes.remember_listing(path, {})  # new and empty: names in it need no lookup
+        self._entries_changed(parent)
         return node.entry(self.ttl)
 
     def _new_gid(self, parent: Node, ctx: Any) -> int:
         return parent.attrs.gid if parent.attrs.mode & stat.S_ISGID else ctx.gid
+
+    def _entries_changed(self, *parents: Node) -> None:
+        """An entry was created, removed or renamed in ``parents``: their mtime and ctime are
+        now (in memory, for the mount's life; not written to S3)."""
+        now = _now_ns()
+        for p in parents:
+            p.attrs.mtime_ns = p.attrs.ctime_ns = now
+            self._dir_changed[p.path] = now
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -843,6 +964,8 @@ class Filesystem(pyfuse3.Operations):
         self.inodes.detach(node)
         self.inodes.listing_remove(node.path)
         self.inodes.invalidate_listing(node.path)
+        self._dir_changed.pop(node.path, None)
+        self._entries_changed(parent)
 
     async def _check_empty(self, node: Node) -> None:
         prefix = self.dirkey(node.path)
@@ -874,6 +997,7 @@ class Filesystem(pyfuse3.Operations):
         node.open_count += 1
         node.lookups += 1
         self.inodes.listing_add(path, False)
+        self._entries_changed(parent)
         fh = self._fh(node)
         self.writers.add(fh)
         self.page_blockers.add(fh)
@@ -999,6 +1123,7 @@ class Filesystem(pyfuse3.Operations):
             log.error("upload of s3://%s/%s failed, data kept locally for retry: %s",
                       self.store.bucket, self.s3key(node.path), e)
             raise FsError(errno.EIO, str(e)) from None
+        node.server_mtime = None
         self.keyring.learn(self.s3key(node.path), node.sse_key, node.etag)
         self.inodes.listing_add(node.path, False, data.size)
 
@@ -1025,6 +1150,7 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.EISDIR, node.path)
         self._guard_unreadable(node, "delete")
         await self._remove_file(node)
+        self._entries_changed(parent)
 
     def _guard_unreadable(self, node: Node, what: str) -> None:
         """EACCES for deleting or replacing an object no key of this mount opens (a wrong key
@@ -1056,6 +1182,7 @@ class Filesystem(pyfuse3.Operations):
                         raise
             node.remote = False
             self.keyring.forget(self.s3key(node.path))
+            self._index_forget(self.s3key(node.path))
             self.inodes.listing_remove(node.path)
             self.inodes.detach(node)
         finally:
@@ -1093,10 +1220,13 @@ class Filesystem(pyfuse3.Operations):
             if target.is_dir:
                 await self._check_empty(target)
             self._guard_unreadable(target, "replace")
+        # the renamed inode's ctime changes (written with the copy of a file)
+        node.attrs.ctime_ns = _now_ns()
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
             await self._rename_file(node, new_path, target)
+        self._entries_changed(old_parent, new_parent)
 
     async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
         old_path = node.path
@@ -1122,10 +1252,12 @@ class Filesystem(pyfuse3.Operations):
                 info = await self.store.head(new_key, node.sse_key)
             node.etag = info.etag
             node.version_id = info.version_id
+            node.server_mtime = None
             if data is not None:
                 data.renamed(info)
         self.keyring.rename(old_key, new_key)
         self.keyring.learn(new_key, node.sse_key, node.etag)
+        self._index_forget(old_key)
         if target is not None:
             target.remote = False
         self.inodes.listing_remove(old_path)
@@ -1163,6 +1295,8 @@ class Filesystem(pyfuse3.Operations):
             await gather((functools.partial(move_one, o) for o in page.objects),
                          limit=self.cfg.max_requests)
         self.inodes.move(node, new_path)
+        for p in [p for p in self._dir_changed if p == old_path or p.startswith(pre)]:
+            self._dir_changed[new_path + p[len(old_path):]] = self._dir_changed.pop(p)
         for p, n in list(self.inodes.by_path.items()):
             if p == new_path or p.startswith(new_path + "/"):
                 n.fetched = 0.0  # new ETags: look again
@@ -1186,6 +1320,7 @@ class Filesystem(pyfuse3.Operations):
         node.lookups += 1
         self.keyring.learn(self.s3key(path), key, info.etag)
         self.inodes.listing_add(path, False, len(target))
+        self._entries_changed(parent)
         return node.entry(self.ttl)
 
     @_fuse_errors
@@ -1197,6 +1332,9 @@ class Filesystem(pyfuse3.Operations):
             node.link_target = bytes(await self.store.get_range(
                 self.s3key(node.path), 0, max(node.attrs.size, 1) + 4096, node.sse_key,
                 node.version_id))
+            if self.index is not None and node.indexed is not None and \
+                    node.indexed[0] == node.etag:
+                self._index_node(node)  # with its target: ls -l reads it each time
         return node.link_target
 
     @_fuse_errors
@@ -1214,6 +1352,7 @@ class Filesystem(pyfuse3.Operations):
         node.fetched = time.monotonic()
         node.lookups += 1
         self.inodes.listing_add(path, False)
+        self._entries_changed(parent)
         return node.entry(self.ttl)
 
     @_fuse_errors
@@ -1331,6 +1470,8 @@ class Filesystem(pyfuse3.Operations):
                 except FsError:
                     failed.append(node.path)
         self.keyring.save()
+        if self.index is not None:
+            await self.index.flush()
         return failed
 
     async def retry_loop(self, interval: float = 30.0) -> None:
@@ -1352,3 +1493,5 @@ class Filesystem(pyfuse3.Operations):
                     except FsError:
                         pass
             self.keyring.save()
+            if self.index is not None:
+                await self.index.flush()

@@ -61,6 +61,11 @@ class Node:
     page_id: tuple[str, int] | None = None
     open_count: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # foreign x-amz-meta-* to keep
+    unlinked: bool = False  # no name leads to it any more (st_nlink 0 while it is open)
+    # LastModified its last HEAD said (None: unknown, as after a write from here)
+    server_mtime: float | None = None
+    # (etag, size, LastModified) of the listing the metadata index last kept it with
+    indexed: tuple[str, int, float] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -82,7 +87,9 @@ class Node:
         e.entry_timeout = ttl
         e.attr_timeout = ttl
         e.st_mode = a.mode
-        e.st_nlink = 2 if self.is_dir else 1
+        # a directory's link count is not known without listing it: 1, as btrfs and many
+        # FUSE file systems say, which tells find (fts) not to count on it
+        e.st_nlink = 0 if self.unlinked else 1
         e.st_uid = a.uid
         e.st_gid = a.gid
         e.st_rdev = a.rdev
@@ -90,7 +97,7 @@ class Node:
         e.st_size = size
         e.st_blksize = 1 << 20
         e.st_blocks = (size + 511) // 512
-        e.st_atime_ns = a.mtime_ns
+        e.st_atime_ns = a.mtime_ns if a.atime_ns is None else a.atime_ns
         e.st_mtime_ns = a.mtime_ns
         e.st_ctime_ns = a.ctime_ns
         return e
@@ -161,6 +168,7 @@ class InodeTable:
         while the kernel or an open handle still refers to it."""
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
+        node.unlinked = True
         self._maybe_drop(node)
 
     def forget(self, ino: int, n: int) -> None:

@@ -42,6 +42,7 @@ class Attrs:
     mtime_ns: int
     ctime_ns: int
     rdev: int = 0
+    atime_ns: int | None = None  # None: none stored (shown as the mtime)
 
     @property
     def is_dir(self) -> bool:
@@ -104,7 +105,8 @@ def attrs_from_object(meta: dict[str, str], size: int, last_modified: float, *,
     ctime = mtime if ctime is None else ctime
     return Attrs(mode=mode, uid=default_uid if uid is None else uid,
                  gid=default_gid if gid is None else gid, size=size, mtime_ns=mtime,
-                 ctime_ns=ctime, rdev=_int(meta, RDEV) or 0)
+                 ctime_ns=ctime, rdev=_int(meta, RDEV) or 0,
+                 atime_ns=parse_time_ns(meta.get(ATIME)))
 
 
 def metadata_for(attrs: Attrs) -> dict[str, str]:
@@ -113,6 +115,8 @@ def metadata_for(attrs: Attrs) -> dict[str, str]:
             MTIME: format_time(attrs.mtime_ns), CTIME: format_time(attrs.ctime_ns)}
     if attrs.rdev:
         meta[RDEV] = str(attrs.rdev)
+    if attrs.atime_ns is not None:
+        meta[ATIME] = format_time(attrs.atime_ns)
     return meta
 
 
