@@ -760,11 +760,25 @@ class ObjectStore:
     async def complete_multipart(self, key: str, upload_id: str,
                                  parts: list[tuple[int, str]], sse_key: Key | None,
                                  ) -> ObjectInfo:
+        """Finish an upload.  The SSE-C headers go with it: AWS requires them when the upload
+        used a checksum or a bucket policy demands them (boto3's transfer manager always sends
+        them), and an echo, where the server gives one, must name our key."""
         what = self._what("CompleteMultipartUpload", key)
         r = await self._guarded(
             "complete_multipart", what, self.client.complete_multipart_upload,
             Bucket=self.bucket, Key=key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]})
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+            **sse_c_params(sse_key))
+        if any(r.get(h) for h in ("SSECustomerAlgorithm", "SSECustomerKeyMD5",
+                                  "ServerSideEncryption")):
+            # RGW echoes nothing here (the CreateMultipartUpload echo vouches for the upload);
+            # an echo that names another encryption is a server that ignored ours
+            try:
+                self._check_echo(r, sse_key, what)
+            except FsError as e:
+                log.error("%s", e)
+                await self._delete_quietly(key, r.get("VersionId"))
+                raise
         return ObjectInfo(key=key, size=-1, etag=str(r.get("ETag", "")).strip('"'), mtime=0.0,
                           version_id=r.get("VersionId"), sse_c_md5=sse_key and sse_key.fingerprint)
 
