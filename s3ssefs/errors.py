@@ -13,9 +13,10 @@ import errno as _errno
 class FsError(Exception):
     """A failure with the errno the user should see and a one-line reason for the log."""
 
-    def __init__(self, errno: int, message: str) -> None:
+    def __init__(self, errno: int, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+        self.status = status  # the HTTP status of the S3 answer it came from, if any
 
     def __str__(self) -> str:
         return f"{super().__str__()} [{_errno.errorcode.get(self.errno, self.errno)}]"

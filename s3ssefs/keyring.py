@@ -6,9 +6,12 @@ is a bare 400, on AWS a 403, both EACCES from the store.  The key that worked is
 object by *id* — in memory, and in ``learned.json`` in the cache directory so a remount does not
 guess again — together with the object's ETag, so a changed object is tried afresh.
 
-Objects stored without SSE-C are opened with no key: ``None`` is always the last candidate,
-and an object whose HEAD echoes no customer-key MD5 is plain (RGW ignores a key sent for a
-plain object; AWS refuses it, which the trial order handles the same way).
+Objects stored without SSE-C are opened with no key: ``None`` is the last candidate, and an
+object whose HEAD echoes no customer-key MD5 is plain (RGW ignores a key sent for a plain
+object).  AWS refuses a key sent for a plain object with 400 but a wrong key with 403, so a 400
+to a keyed HEAD moves "no key" to the next trial — unless this server is known to answer a wrong
+key with 400 (RGW: learned the first time another key opened an object after a refusal).  A
+plain object thus costs one refused HEAD, not one per key in the file.
 """
 
 from __future__ import annotations
@@ -168,16 +171,25 @@ class KeyRing:
         and the fingerprints tried) when no key opens it.
         """
         tried = [k.fingerprint if k else "no key" for k in refused]
-        for key in self.candidates(rel_path, s3key, version):
-            if key in refused:
-                continue
+        todo = [k for k in self.candidates(rel_path, s3key, version) if k not in refused]
+        caps = self.store.caps
+        refusal: int | None = None  # the status a keyed HEAD of this object was refused with
+        while todo:
+            key = todo.pop(0)
             try:
                 info = await self.store.head(s3key, key, version)
             except FsError as e:
                 if e.errno == errno.EACCES:
                     tried.append(key.fingerprint if key else "no key")
+                    if key is not None:
+                        refusal = e.status
+                        if e.status == 400 and caps.wrong_key_status != 400 and None in todo:
+                            todo.remove(None)  # AWS: "not applicable", a plain object
+                            todo.insert(0, None)
                     continue
                 raise
+            if key is not None and refusal is not None:
+                caps.wrong_key_status = refusal  # a wrong key is what got that answer
             return info, self._opened(s3key, key, info, len(tried))
         log.warning("no key opens s3://%s/%s (tried %s) [EACCES]", self.store.bucket, s3key,
                     ", ".join(tried))
