@@ -500,7 +500,8 @@ class ObjectStore:
         try:
             return await self._call(kind, what, fn, lean, **kw)
         except FsError as e:
-            if e.errno in (errno.ENOENT, errno.EACCES):
+            if e.errno in (errno.ENOENT, errno.EACCES, errno.ESTALE):
+                # the caller's answer (no such object, no key, changed since): it decides
                 log.debug("%s failed: %s", kind, e)
             else:
                 self.stats.error(kind)
