@@ -7,11 +7,12 @@ object by *id* — in memory, and in ``learned.json`` in the cache directory so 
 guess again — together with the object's ETag, so a changed object is tried afresh.
 
 Objects stored without SSE-C are opened with no key: ``None`` is the last candidate, and an
-object whose HEAD echoes no customer-key MD5 is plain (RGW ignores a key sent for a plain
-object).  AWS refuses a key sent for a plain object with 400 but a wrong key with 403, so a 400
-to a keyed HEAD moves "no key" to the next trial — unless this server is known to answer a wrong
-key with 400 (RGW: learned the first time another key opened an object after a refusal).  A
-plain object thus costs one refused HEAD, not one per key in the file.
+object whose HEAD echoes no customer-key MD5, or echoes SSE-S3/KMS, is plain (RGW and
+LocalStack ignore a key sent for a plain object).  AWS refuses a key sent for a plain object
+with 400 but a wrong key with 403, so a 400 to a keyed HEAD moves "no key" to the next trial —
+unless this server is known to answer a wrong key with 400 (RGW: learned the first time another
+key opened an object after a refusal).  A plain object thus costs one refused HEAD, not one
+per key in the file.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ class KeyRing:
     def _opened(self, s3key: str, key: Key | None, info: ObjectInfo, failed: int) -> Key | None:
         """The key that opens ``s3key``, now that a HEAD with ``key`` answered ``info`` after
         ``failed`` candidates did not; remembered for the object's next opening."""
-        if key is not None and info.sse_c_md5 is None:
-            # a plain object answered a keyed HEAD (RGW): it needs no key
+        if key is not None and (info.sse_c_md5 is None or info.sse is not None):
+            # a plain object answered a keyed HEAD: it needs no key.  RGW echoes no key MD5;
+            # LocalStack echoes ours but also the SSE-S3 the object really has
             key = None
         elif key is None and info.sse_c_md5 is not None and self.keyfile:
             key = self.keyfile.by_fingerprint(info.sse_c_md5)
