@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import trio
+from botocore.exceptions import ClientError
 from conftest import S3SSEFS, Rgw, new_key, sse
 from faultproxy import S3Proxy
 
@@ -67,6 +68,36 @@ def keyfile_with(path: Path, keys: list[Key], current: Key) -> Path:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --- what each server answers ----------------------------------------------------------------
+
+
+def _status(call: Any) -> int:
+    try:
+        call()
+    except ClientError as e:
+        return int(e.response["ResponseMetadata"]["HTTPStatusCode"])
+    return 200
+
+
+def test_each_server_refuses_a_wrong_key_and_a_keyless_read(
+        rgw: Rgw, bucket: str, s3: Any, key: Key, other_key: Key) -> None:
+    """Before the suite trusts a server with tests about keys, it must refuse a read with a
+    wrong key and one with none.  Where they differ, as the README's table says: a wrong key is
+    400 on RGW, 403 on LocalStack (as on AWS); CopyObject from an SSE-C source is 501 on RGW
+    (s3ssefs then copies with UploadPartCopy, or through memory between two keys) and works
+    on LocalStack, also from one key to another."""
+    s3.put_object(Bucket=bucket, Key="sealed", Body=b"sealed", **sse(key))
+    wrong = _status(lambda: s3.get_object(Bucket=bucket, Key="sealed", **sse(other_key)))
+    keyless = _status(lambda: s3.get_object(Bucket=bucket, Key="sealed"))
+    head_wrong = _status(lambda: s3.head_object(Bucket=bucket, Key="sealed", **sse(other_key)))
+    copy = _status(lambda: s3.copy_object(
+        Bucket=bucket, Key="copy", CopySource={"Bucket": bucket, "Key": "sealed"},
+        CopySourceSSECustomerAlgorithm="AES256", CopySourceSSECustomerKey=key.raw,
+        **sse(other_key)))
+    expected = {"rgw": (400, 400, 400, 501), "localstack": (403, 400, 403, 200)}[rgw.name]
+    assert (wrong, keyless, head_wrong, copy) == expected
 
 
 # --- CompleteMultipartUpload ----------------------------------------------------------------
