@@ -157,7 +157,8 @@ class KeyRing:
                 out.append((res, self._opened(s3key, key, res, 0)))
             elif res.errno == errno.EACCES:
                 try:
-                    out.append(await self.head(rel, s3key, refused=(key,)))
+                    out.append(await self.head(rel, s3key, refused=(key,),
+                                               refused_status=res.status))
                 except FsError as e:
                     out.append(e)
             else:
@@ -165,9 +166,10 @@ class KeyRing:
         return out
 
     async def head(self, rel_path: str, s3key: str, version: str | None = None,
-                   refused: tuple[Key | None, ...] = ()) -> tuple[ObjectInfo, Key | None]:
+                   refused: tuple[Key | None, ...] = (), refused_status: int | None = None,
+                   ) -> tuple[ObjectInfo, Key | None]:
         """HEAD the object with each candidate key until one opens it (but those it is known
-        to have ``refused`` already).
+        to have ``refused`` already, with ``refused_status``).
 
         Raises ENOENT when there is no such object, EACCES (with one log line naming the object
         and the fingerprints tried) when no key opens it.
@@ -175,7 +177,15 @@ class KeyRing:
         tried = [k.fingerprint if k else "no key" for k in refused]
         todo = [k for k in self.candidates(rel_path, s3key, version) if k not in refused]
         caps = self.store.caps
-        refusal: int | None = None  # the status a keyed HEAD of this object was refused with
+
+        def refused_with(status: int | None) -> None:
+            if status == 400 and caps.wrong_key_status != 400 and None in todo:
+                todo.remove(None)  # AWS: "not applicable", a plain object
+                todo.insert(0, None)
+
+        # the status a keyed HEAD of this object was refused with
+        refusal = refused_status if any(k is not None for k in refused) else None
+        refused_with(refusal)
         while todo:
             key = todo.pop(0)
             try:
@@ -185,9 +195,7 @@ class KeyRing:
                     tried.append(key.fingerprint if key else "no key")
                     if key is not None:
                         refusal = e.status
-                        if e.status == 400 and caps.wrong_key_status != 400 and None in todo:
-                            todo.remove(None)  # AWS: "not applicable", a plain object
-                            todo.insert(0, None)
+                        refused_with(e.status)
                     continue
                 raise
             if key is not None and refusal is not None:
