@@ -327,6 +327,8 @@ class S3Proxy:
       policy demands SSE-C headers);
     * ``blocked_sse_c``: a bucket made after April 2026 on AWS — GetBucketEncryption lists
       ``SSE-C`` in ``BlockedEncryptionTypes`` and every write with SSE-C is ``403 AccessDenied``;
+    * ``region``: a bucket in that region — a request signed for another is
+      ``400 AuthorizationHeaderMalformed`` naming the region (AWS's redirect answer);
     * ``refuse_lean``: a server that rejects a detail of the lean request path
       (:mod:`s3ssefs.wire`, which sends no ``User-Agent``): ``403 SignatureDoesNotMatch``.
 
@@ -347,6 +349,7 @@ class S3Proxy:
         self.aws_sse_c = False
         self.blocked_sse_c = False
         self.refuse_lean = False
+        self.region: str | None = None
         self.requests: list[tuple[str, str, bool, int]] = []
         self._sse_c_uploads: set[str] = set()
         self._lock = threading.Lock()
@@ -408,9 +411,19 @@ class S3Proxy:
     def _answer_first(self, method: str, path: str, headers: object, keyed: bool,
                       ) -> tuple[int, list[tuple[str, str]], bytes] | None:
         """An answer the proxy gives without asking the server, or None."""
+        import re
         from urllib.parse import parse_qs, urlsplit
 
         query = parse_qs(urlsplit(path).query, keep_blank_values=True)
+        auth = headers.get("Authorization") or ""  # type: ignore[attr-defined]
+        m = re.search(r"Credential=[^/]+/\d+/([^/]+)/s3/", auth)
+        if self.region and m and m.group(1) != self.region:
+            status, hdrs, body = s3_error(
+                400, "AuthorizationHeaderMalformed", f"The authorization header is malformed; "
+                f"the region '{m.group(1)}' is wrong; expecting '{self.region}'")
+            body = body.replace(b"</Error>",
+                                f"<Region>{self.region}</Region></Error>".encode())
+            return status, [*hdrs, ("x-amz-bucket-region", self.region)], body
         if self.refuse_lean and not headers.get("User-Agent"):  # type: ignore[attr-defined]
             return s3_error(403, "SignatureDoesNotMatch", "The request signature we "
                             "calculated does not match the signature you provided.")

@@ -5,13 +5,14 @@ Each test runs against RGW and against LocalStack's S3 (``servers()``), through
 :class:`faultproxy.S3Proxy` where AWS answers something neither server does: a keyed read of a
 plain object refused with 400, a CompleteMultipartUpload that must repeat the upload's SSE-C
 headers, a bucket that blocks SSE-C writes, a server that refuses a detail of the lean request
-path.  What a user sees:
+path, a bucket in another region.  What a user sees:
 
 * files above multipart_threshold close without error and read back;
 * plain objects stay readable (after one refused key, not one per key in the key file) and are
   never "no key opens";
-* a server that refuses the lean path's requests is served by boto3 alone, with one log line,
-  instead of every file showing as "no key opens";
+* a server that refuses the lean path's requests (or a bucket in another region than the one
+  configured) is served by boto3 alone, with one log line, instead of every file showing as
+  "no key opens";
 * a bucket that blocks SSE-C refuses the mount with one clear line;
 * ``rekey`` never puts old bytes over a file written since its listing, and on a versioned bucket
   an interrupted run keeps the key-map entries of what it did.
@@ -230,6 +231,26 @@ def test_a_mount_on_a_server_that_refuses_the_lean_path_reads_every_file(
     (m.path / "new").write_bytes(b"new")
     assert s3.get_object(Bucket=bucket, Key="new", **sse(key))["Body"].read() == b"new"
     assert "using boto3 alone" in m.log_file.read_text()
+
+
+@pytest.mark.allow_warnings
+async def test_a_bucket_in_another_region_is_served_with_one_log_line(
+        rgw: Rgw, bucket: str, s3: Any, key: Key, proxy: S3Proxy,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """AWS answers a request signed for the wrong region with 400 AuthorizationHeaderMalformed
+    naming the bucket's region: boto3 follows it, the lean path (signed for the configured
+    region) does not, so the mount's check turns the lean path off and says why."""
+    s3.put_object(Bucket=bucket, Key="far.txt", Body=b"far", **sse(key))
+    proxy.region = "eu-west-1"
+    store = make_store(proxy.endpoint, rgw, bucket, region="us-east-1")
+    with caplog.at_level(logging.WARNING, logger="s3ssefs"):
+        await store.check_bucket()
+        await store.check_lean_path()
+        assert await store.get_range("far.txt", 0, 3, key) == b"far"
+        await store.put("near.txt", b"near", key)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("s3ssefs")]
+    assert len(lines) == 1 and "AuthorizationHeaderMalformed" in lines[0], lines
+    assert s3.get_object(Bucket=bucket, Key="near.txt", **sse(key))["Body"].read() == b"near"
 
 
 # --- a bucket that blocks SSE-C ------------------------------------------------------------------
