@@ -156,6 +156,7 @@ async def preflight(store: ObjectStore, cfg: MountConfig, write_key: Key | None)
             raise MountError(f"access to bucket {cfg.bucket!r} refused at {where}: check the "
                              "credentials (profile, credentials_file, AWS_* variables)") from None
         raise MountError(f"cannot reach {where}: {e}") from None
+    await store.check_lean_path()
     enc = await store.bucket_encryption()
     if enc:
         for rule in enc.get("Rules", []):

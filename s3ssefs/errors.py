@@ -19,9 +19,11 @@ import errno as _errno
 class FsError(Exception):
     """A failure with the errno the user should see and a one-line reason for the log."""
 
-    def __init__(self, errno: int, message: str, permanent: bool = False) -> None:
+    def __init__(self, errno: int, message: str, status: int | None = None, *,
+                 permanent: bool = False) -> None:
         super().__init__(message)
         self.errno = errno
+        self.status = status  # the HTTP status of the S3 answer it came from, if any
         self.permanent = permanent  # sending the same request again cannot succeed
 
     def __str__(self) -> str:

@@ -6,9 +6,13 @@ is a bare 400, on AWS a 403, both EACCES from the store.  The key that worked is
 object by *id* — in memory, and in ``learned.json`` in the cache directory so a remount does not
 guess again — together with the object's ETag, so a changed object is tried afresh.
 
-Objects stored without SSE-C are opened with no key: ``None`` is always the last candidate,
-and an object whose HEAD echoes no customer-key MD5 is plain (RGW ignores a key sent for a
-plain object; AWS refuses it, which the trial order handles the same way).
+Objects stored without SSE-C are opened with no key: ``None`` is the last candidate, and an
+object whose HEAD echoes no customer-key MD5, or echoes SSE-S3/KMS, is plain (RGW and
+LocalStack ignore a key sent for a plain object).  AWS refuses a key sent for a plain object
+with 400 but a wrong key with 403, so a 400 to a keyed HEAD moves "no key" to the next trial —
+unless this server is known to answer a wrong key with 400 (RGW: learned the first time another
+key opened an object after a refusal).  A plain object thus costs one refused HEAD, not one
+per key in the file.
 """
 
 from __future__ import annotations
@@ -133,8 +137,9 @@ class KeyRing:
     def _opened(self, s3key: str, key: Key | None, info: ObjectInfo, failed: int) -> Key | None:
         """The key that opens ``s3key``, now that a HEAD with ``key`` answered ``info`` after
         ``failed`` candidates did not; remembered for the object's next opening."""
-        if key is not None and info.sse_c_md5 is None:
-            # a plain object answered a keyed HEAD (RGW): it needs no key
+        if key is not None and (info.sse_c_md5 is None or info.sse is not None):
+            # a plain object answered a keyed HEAD: it needs no key.  RGW echoes no key MD5;
+            # LocalStack echoes ours but also the SSE-S3 the object really has
             key = None
         elif key is None and info.sse_c_md5 is not None and self.keyfile:
             key = self.keyfile.by_fingerprint(info.sse_c_md5)
@@ -161,7 +166,8 @@ class KeyRing:
                 out.append((res, self._opened(s3key, key, res, 0)))
             elif res.errno == errno.EACCES:
                 try:
-                    out.append(await self.head(rel, s3key, refused=(key,)))
+                    out.append(await self.head(rel, s3key, refused=(key,),
+                                               refused_status=res.status))
                 except FsError as e:
                     out.append(e)
             else:
@@ -169,24 +175,40 @@ class KeyRing:
         return out
 
     async def head(self, rel_path: str, s3key: str, version: str | None = None,
-                   refused: tuple[Key | None, ...] = ()) -> tuple[ObjectInfo, Key | None]:
+                   refused: tuple[Key | None, ...] = (), refused_status: int | None = None,
+                   ) -> tuple[ObjectInfo, Key | None]:
         """HEAD the object with each candidate key until one opens it (but those it is known
-        to have ``refused`` already).
+        to have ``refused`` already, with ``refused_status``).
 
         Raises ENOENT when there is no such object, EACCES (with one log line naming the object
         and the fingerprints tried) when no key opens it.
         """
         tried = [k.fingerprint if k else "no key" for k in refused]
-        for key in self.candidates(rel_path, s3key, version):
-            if key in refused:
-                continue
+        todo = [k for k in self.candidates(rel_path, s3key, version) if k not in refused]
+        caps = self.store.caps
+
+        def refused_with(status: int | None) -> None:
+            if status == 400 and caps.wrong_key_status != 400 and None in todo:
+                todo.remove(None)  # AWS: "not applicable", a plain object
+                todo.insert(0, None)
+
+        # the status a keyed HEAD of this object was refused with
+        refusal = refused_status if any(k is not None for k in refused) else None
+        refused_with(refusal)
+        while todo:
+            key = todo.pop(0)
             try:
                 info = await self.store.head(s3key, key, version)
             except FsError as e:
                 if e.errno == errno.EACCES:
                     tried.append(key.fingerprint if key else "no key")
+                    if key is not None:
+                        refusal = e.status
+                        refused_with(e.status)
                     continue
                 raise
+            if key is not None and refusal is not None:
+                caps.wrong_key_status = refusal  # a wrong key is what got that answer
             return info, self._opened(s3key, key, info, len(tried))
         with self._lock:
             self._refused[s3key] = ", ".join(tried)

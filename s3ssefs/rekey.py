@@ -11,8 +11,14 @@ Which one ran is reported once in the summary.
 Objects already under the target key are skipped, so an interrupted run resumes where it
 stopped; plain and SSE-S3 objects are encrypted in place; objects no key opens are listed and
 left alone.  On a versioned bucket the version that was replaced keeps its old key, and a
-``[[map]]`` entry for it is written to the key file (atomically, mode kept) so it stays
-readable.
+``[[map]]`` entry for it is written to the key file (atomically, mode kept) right after its
+copy, so an interrupted run loses none.
+
+A file written (through a mount or any client) between the listing and the copy must not be
+replaced by the older bytes re-encrypted: every copy reads its source only while the source
+still has the ETag the listing showed (``x-amz-copy-source-if-match``, or ``If-Match`` on the
+ranged GETs of the streamed copy).  An object that changed is left as it is and reported; the
+next run takes it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class Tally:
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
     locked: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # written since the listing: left alone
     seen: int = 0
     seen_bytes: int = 0
     planned: list[str] = field(default_factory=list)
@@ -93,7 +100,7 @@ async def rekey(cfg: MountConfig, keyfile: KeyFile, target: Key, *, dry_run: boo
     tally = Tally()
     progress = Progress(tally)
     versioned = await store.versioning_enabled()
-    new_map: list[tuple[str, str, str]] = []
+    await store.check_lean_path()
 
     async def one(o: ObjectInfo) -> None:
         rel = o.key[len(cfg.prefix):]
@@ -114,14 +121,23 @@ async def rekey(cfg: MountConfig, keyfile: KeyFile, target: Key, *, dry_run: boo
         if dry_run:
             tally.planned.append(f"{o.key}: {key.id if key else 'unencrypted'} -> {target.id}")
             return
+        if info.etag != o.etag:
+            tally.changed.append(o.key)
+            return
         try:
-            await store.copy(o.key, o.key, key, target, info.metadata, info.size)
+            await store.copy(o.key, o.key, key, target, info.metadata, info.size,
+                             if_match=o.etag)
         except FsError as e:
+            if e.errno == errno.ESTALE:  # written since the listing: theirs stays
+                tally.changed.append(o.key)
+                return
             log.error("rekey of s3://%s/%s failed: %s", cfg.bucket, o.key, e)
             tally.failed.append(o.key)
             return
         if versioned and info.version_id and key is not None:
-            new_map.append((rel, info.version_id, key.id))
+            # saved at once: an interrupted run must not leave that version unreadable
+            keyfile.add_map(rel, info.version_id, key.id)
+            keyfile.save()
         tally.rekeyed += 1
         tally.rekeyed_bytes += info.size
         progress.update()
@@ -130,10 +146,6 @@ async def rekey(cfg: MountConfig, keyfile: KeyFile, target: Key, *, dry_run: boo
         await gather((partial(one, o) for o in page.objects), limit=jobs)
         progress.update()
     progress.done()
-    if new_map:
-        for path, version, key_id in new_map:
-            keyfile.add_map(path, version, key_id)
-        keyfile.save()
     return tally, method_summary(store)
 
 
@@ -150,9 +162,11 @@ def run_rekey(cfg: MountConfig, to_key: str | None, dry_run: bool, jobs: int) ->
             print(f"would re-encrypt {line}")
     for k in tally.locked:
         print(f"no key opens s3://{cfg.bucket}/{k}: left alone")
+    for k in tally.changed:
+        print(f"s3://{cfg.bucket}/{k} changed during rekey: left alone (run rekey again)")
     print(f"rekey s3://{cfg.bucket_path} to {target.id}: "
           + (f"{len(tally.planned)} to re-encrypt" if dry_run else
              f"{tally.rekeyed} re-encrypted ({tally.rekeyed_bytes} bytes), method: {method}")
           + f"; {tally.skipped} already under {target.id}; {len(tally.locked)} no key opens; "
-          f"{len(tally.failed)} failed")
-    return 1 if tally.failed else 0
+          f"{len(tally.changed)} changed meanwhile; {len(tally.failed)} failed")
+    return 1 if tally.failed or tally.changed else 0

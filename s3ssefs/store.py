@@ -7,7 +7,11 @@ match so no thread waits for a socket.  The one retry policy is
 doubling backoff until the call's deadline (``request_timeout``), after which the caller gets
 EIO and a stuck thread is abandoned, so no FUSE request waits forever.  The hot small calls
 (HEAD, ranged GET, PUT, LIST) first try the lean path of :mod:`s3ssefs.wire`, a third of
-boto3's CPU per request; what it cannot finish, boto3 tries.
+boto3's CPU per request; what it cannot finish, boto3 tries.  The lean path is our own SigV4
+and HTTP/1.1, and an error *answer* to it is final, so it is not trusted blindly: before a
+mount uses it, :meth:`ObjectStore.check_lean_path` makes the mount's first LIST and a HEAD both
+ways and compares, and a signature refusal boto3 does not get later turns it off too — on a
+server that rejects some detail of it, every object would otherwise show as "no key opens".
 
 SSE-C parameters come from :func:`s3ssefs.keys.sse_c_params` alone, and how a write *we* make
 is encrypted is decided in one place, :meth:`ObjectStore.write_params`: with a key, SSE-C under
@@ -112,6 +116,9 @@ class Capabilities:
 
     copy_object_sse_c: bool | None = None
     part_copy_cross_key: bool | None = None
+    # the status a read with a wrong SSE-C key gets: 400 on RGW, 403 on AWS (where a 400 to a
+    # read with a key means the object is not SSE-C)
+    wrong_key_status: int | None = None
 
 
 def provider_params(sse: str) -> dict[str, str]:
@@ -199,6 +206,11 @@ def _joined(fn: Callable[..., T]) -> Callable[..., T]:
     return call
 
 
+def _copy_if_match(etag: str | None) -> dict[str, str]:
+    """CopyObject / UploadPartCopy only from the source whose ETag is ``etag``."""
+    return {"CopySourceIfMatch": f'"{etag}"'} if etag else {}
+
+
 def _version_query(version_id: str | None) -> str:
     return f"versionId={quote(version_id, safe='')}" if version_id else ""
 
@@ -219,6 +231,10 @@ def _head_info(key: str, r: dict[str, Any]) -> ObjectInfo:
 RETRY_FIRST = 0.25  # seconds before the first retry; doubles each time
 RETRY_MAX = 4.0
 MOUNT_CHECK_TIMEOUT = 5.0  # the checks at mount fail fast: a typo is likelier than an outage
+# answers that say the request itself was malformed or mis-signed: from the lean path but not
+# from boto3, they are the lean path's fault
+_LEAN_SUSPECT_CODES = frozenset({"SignatureDoesNotMatch", "AuthorizationHeaderMalformed",
+                                 "XAmzContentSHA256Mismatch", "InvalidDigest"})
 _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                           "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
                           # a clock or credentials boto3 refreshes on the next attempt
@@ -259,6 +275,13 @@ def _check_object_key(kw: dict[str, Any], what: str) -> None:
         log.error("%s: refusing a request with an empty object key (it would name the bucket)",
                   what)
         raise FsError(errno.EINVAL, f"{what}: empty object key")
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The S3 error code of an answer (None for no answer)."""
+    if isinstance(e, ClientError):
+        return str(e.response.get("Error", {}).get("Code", ""))
+    return None
 
 
 def _describe(e: BaseException) -> str:
@@ -313,12 +336,12 @@ def _map_client_error(e: ClientError, what: str) -> FsError:
         return FsError(errno.ESTALE, msg)
     if status == 403:
         # (a skewed clock or an expired token is retried before it gets here: _RETRY_CODES)
-        return FsError(errno.EACCES, msg, permanent=code not in _RETRY_CODES)
+        return FsError(errno.EACCES, msg, status, permanent=code not in _RETRY_CODES)
     if status == 400 and code in ("", "400", "BadRequest", "InvalidArgument", "InvalidRequest",
                                   "InvalidEncryptionAlgorithmError"):
         # RGW: wrong or missing SSE-C key, or SSE-C over plain HTTP (rgw_crypt_require_ssl);
         # AWS: missing key / key for a plain object
-        return FsError(errno.EACCES, msg, permanent=True)
+        return FsError(errno.EACCES, msg, status, permanent=True)
     if code in ("SlowDown", "Throttling", "ServiceUnavailable", "InternalError",
                 "RequestTimeout") or status >= 500:
         return FsError(errno.EIO, msg)
@@ -392,6 +415,9 @@ class ObjectStore:
         deadline = trio.current_time() + limit
         delay = RETRY_FIRST
         retries = 0
+        suspect: str | None = None  # the lean attempt's refusal, if boto3 must confirm it
+        if self.wire is None:
+            lean = None
         while True:
             attempt = lean if lean is not None and retries == 0 else partial(fn, **kw)
             try:
@@ -401,6 +427,13 @@ class ObjectStore:
                 log.warning("%s: no answer within %.0fs [EIO]", what, limit)
                 raise FsError(errno.EIO, f"{what}: timed out") from None
             except Exception as e:
+                if suspect is not None and _error_code(e) not in (None, suspect):
+                    self._lean_off(f"{what}: the lean path was answered {suspect}, boto3 "
+                                   f"{_describe(e)}")
+                if attempt is lean and _error_code(e) in _LEAN_SUSPECT_CODES:
+                    suspect = _error_code(e)  # boto3 says whether it is the request's fault
+                    retries += 1
+                    continue
                 if _retryable(e) and trio.current_time() + delay < deadline:
                     retries += 1
                     self.stats.add("retries")
@@ -409,8 +442,53 @@ class ObjectStore:
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 raise self._failed(kind, what, e, retries) from None
+            if suspect is not None:
+                self._lean_off(f"{what}: the lean path was answered {suspect}, boto3 was not")
             self.stats.request(kind, retries=retries)
             return resp
+
+    def _lean_off(self, why: str) -> None:
+        """Stop using the lean path on this store (one log line, once)."""
+        if self.wire is not None:
+            self.wire = None
+            log.warning("the server answers the lean request path otherwise than boto3 (%s): "
+                        "using boto3 alone from now on", why)
+
+    async def check_lean_path(self) -> None:
+        """Before the lean path serves a mount: the mount's first LIST and a HEAD of a name
+        that does not exist, each sent both ways.  An answer the lean path gets that boto3 does
+        not (a refused signature, a 400 where boto3 gets 200, other keys listed) turns the lean
+        path off for this store.  A request neither could finish decides nothing."""
+        if self.wire is None:
+            return
+        wire = self.wire
+        prefix = self.cfg.prefix
+        probe = f"{prefix}.s3ssefs-lean-check-{os.urandom(6).hex()}"
+        pairs: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+            (f"LIST s3://{self.bucket}/{prefix}",
+             partial(wire.list_objects_v2, {"prefix": prefix, "max-keys": "2"}),
+             partial(self.client.list_objects_v2, Bucket=self.bucket, Prefix=prefix,
+                     MaxKeys=2)),
+            (self._what("HEAD", probe), partial(wire.head_object, probe, {}),
+             partial(self.client.head_object, Bucket=self.bucket, Key=probe))]
+        deadline = trio.current_time() + min(self.cfg.request_timeout, MOUNT_CHECK_TIMEOUT)
+        for what, lean, boto in pairs:
+            answers: list[tuple[str, Any]] = []
+            for fn in (lean, boto):
+                try:
+                    r = await self._in_worker(fn, deadline)
+                except trio.TooSlowError:
+                    return
+                except ClientError as e:
+                    answers.append(("error", _describe(e)))
+                except Exception:
+                    return  # no answer (transport): nothing to compare
+                else:
+                    answers.append(("ok", sorted(o["Key"] for o in r.get("Contents", []))))
+            if answers[0] != answers[1]:
+                self._lean_off(f"{what}: lean {answers[0][1] or 'ok'}, boto3 "
+                               f"{answers[1][1] or 'ok'}")
+                return
 
     async def _in_worker(self, fn: Callable[[], T], deadline: float) -> T:
         """``fn()`` in a worker thread under the store's limiter, given up at ``deadline``
@@ -447,7 +525,8 @@ class ObjectStore:
         try:
             return await self._call(kind, what, fn, lean, **kw)
         except FsError as e:
-            if e.errno in (errno.ENOENT, errno.EACCES):
+            if e.errno in (errno.ENOENT, errno.EACCES, errno.ESTALE):
+                # the caller's answer (no such object, no key, changed since): it decides
                 log.debug("%s failed: %s", kind, e)
             else:
                 self.stats.error(kind)
@@ -807,8 +886,10 @@ class ObjectStore:
 
     async def upload_part_copy(self, key: str, upload_id: str, part_no: int, src_key: str,
                                start: int, end: int, src_sse: Key | None, dst_sse: Key | None,
-                               src_version: str | None = None) -> str:
-        """Copy bytes ``[start, end)`` of ``src_key`` into part ``part_no`` on the server."""
+                               src_version: str | None = None, if_match: str | None = None,
+                               ) -> str:
+        """Copy bytes ``[start, end)`` of ``src_key`` into part ``part_no`` on the server
+        (ESTALE when ``if_match`` is not the source's ETag any more)."""
         source: dict[str, str] = {"Bucket": self.bucket, "Key": src_key}
         if src_version:
             source["VersionId"] = src_version
@@ -817,7 +898,7 @@ class ObjectStore:
                                 Bucket=self.bucket, Key=key, UploadId=upload_id,
                                 PartNumber=part_no, CopySource=source,
                                 CopySourceRange=f"bytes={start}-{end - 1}",
-                                **sse_c_params(dst_sse),
+                                **_copy_if_match(if_match), **sse_c_params(dst_sse),
                                 **sse_c_params(src_sse, copy_source=True))
         # RGW echoes nothing here; the upload's CreateMultipartUpload echo vouches for it
         return str(r["CopyPartResult"]["ETag"])
@@ -825,11 +906,25 @@ class ObjectStore:
     async def complete_multipart(self, key: str, upload_id: str,
                                  parts: list[tuple[int, str]], sse_key: Key | None,
                                  ) -> ObjectInfo:
+        """Finish an upload.  The SSE-C headers go with it: AWS requires them when the upload
+        used a checksum or a bucket policy demands them (boto3's transfer manager always sends
+        them), and an echo, where the server gives one, must name our key."""
         what = self._what("CompleteMultipartUpload", key)
         r = await self._guarded(
             "complete_multipart", what, self.client.complete_multipart_upload,
             Bucket=self.bucket, Key=key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]})
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+            **sse_c_params(sse_key))
+        if any(r.get(h) for h in ("SSECustomerAlgorithm", "SSECustomerKeyMD5",
+                                  "ServerSideEncryption")):
+            # RGW echoes nothing here (the CreateMultipartUpload echo vouches for the upload);
+            # an echo that names another encryption is a server that ignored ours
+            try:
+                self._check_echo(r, sse_key, what)
+            except FsError as e:
+                log.error("%s", e)
+                await self._delete_quietly(key, r.get("VersionId"))
+                raise
         return ObjectInfo(key=key, size=-1, etag=str(r.get("ETag", "")).strip('"'), mtime=0.0,
                           version_id=r.get("VersionId"), sse_c_md5=sse_key and sse_key.fingerprint)
 
@@ -871,23 +966,27 @@ class ObjectStore:
     # ------------------------------------------------------------------ server-side copy
     async def copy(self, src: str, dst: str, src_sse: Key | None, dst_sse: Key | None,
                    metadata: dict[str, str] | None, size: int,
-                   src_version: str | None = None) -> ObjectInfo:
+                   src_version: str | None = None, if_match: str | None = None,
+                   ) -> ObjectInfo:
         """Copy ``src`` to ``dst`` (optionally with new metadata and a new key).
 
         Tries, in order, what the server can do without the data passing through us:
         CopyObject, then a multipart copy (UploadPartCopy); where the server refuses both
         (RGW and a change of key), streams ranged GETs into a multipart PUT held in memory.
-        ``metadata=None`` keeps the source's metadata.
+        ``metadata=None`` keeps the source's metadata.  With ``if_match`` every read of the
+        source is conditional on that ETag: a source written since fails the copy with ESTALE
+        and nothing replaces ``dst`` (rekey must not put old bytes over a newer write).
         """
         if metadata is None:
             metadata = (await self.head(src, src_sse, src_version)).metadata
-        if size == 0:
+        if size == 0 and if_match is None:
             return await self.put(dst, b"", dst_sse, metadata)
         encrypted = src_sse is not None or dst_sse is not None or bool(self._provider)
         if size <= MAX_SINGLE_COPY and (not encrypted or self.caps.copy_object_sse_c
                                         is not False):
             try:
-                return await self._copy_object(src, dst, src_sse, dst_sse, metadata, src_version)
+                return await self._copy_object(src, dst, src_sse, dst_sse, metadata, src_version,
+                                               if_match)
             except FsError as e:
                 if not encrypted or e.errno not in (errno.ENOTSUP, errno.EIO):
                     raise
@@ -900,23 +999,26 @@ class ObjectStore:
         if same_key or self.caps.part_copy_cross_key is not False:
             try:
                 return await self._multipart_copy(src, dst, src_sse, dst_sse, metadata, size,
-                                                  src_version)
+                                                  src_version, if_match)
             except FsError as e:
                 if same_key or e.errno not in (errno.ENOTSUP, errno.EACCES, errno.EINVAL):
                     raise
                 self.caps.part_copy_cross_key = False
                 log.info("server refuses UploadPartCopy between keys; streaming instead")
-        return await self._stream_copy(src, dst, src_sse, dst_sse, metadata, size, src_version)
+        return await self._stream_copy(src, dst, src_sse, dst_sse, metadata, size, src_version,
+                                       if_match)
 
     async def _copy_object(self, src: str, dst: str, src_sse: Key | None, dst_sse: Key | None,
-                           metadata: dict[str, str], src_version: str | None) -> ObjectInfo:
+                           metadata: dict[str, str], src_version: str | None,
+                           if_match: str | None = None) -> ObjectInfo:
         source: dict[str, str] = {"Bucket": self.bucket, "Key": src}
         if src_version:
             source["VersionId"] = src_version
         what = self._what("CopyObject", dst)
         r = await self._call("copy", what, self.client.copy_object, Bucket=self.bucket,
                              Key=dst, CopySource=source, Metadata=metadata,
-                             MetadataDirective="REPLACE", **self.write_params(dst_sse),
+                             MetadataDirective="REPLACE", **_copy_if_match(if_match),
+                             **self.write_params(dst_sse),
                              **sse_c_params(src_sse, copy_source=True))
         try:
             self._check_echo(r, dst_sse, what)
@@ -940,13 +1042,15 @@ class ObjectStore:
 
     async def _multipart_copy(self, src: str, dst: str, src_sse: Key | None,
                               dst_sse: Key | None, metadata: dict[str, str], size: int,
-                              src_version: str | None) -> ObjectInfo:
+                              src_version: str | None, if_match: str | None = None,
+                              ) -> ObjectInfo:
         upload_id = await self.create_multipart(dst, dst_sse, metadata)
         etags: dict[int, str] = {}
         try:
             async def one(no: int, start: int, end: int) -> None:
                 etags[no] = await self.upload_part_copy(dst, upload_id, no, src, start, end,
-                                                        src_sse, dst_sse, src_version)
+                                                        src_sse, dst_sse, src_version,
+                                                        if_match)
 
             await gather(partial(one, *r) for r in self._ranges(size))
             info = await self.complete_multipart(dst, upload_id, sorted(etags.items()), dst_sse)
@@ -962,16 +1066,21 @@ class ObjectStore:
 
     async def _stream_copy(self, src: str, dst: str, src_sse: Key | None, dst_sse: Key | None,
                            metadata: dict[str, str], size: int,
-                           src_version: str | None) -> ObjectInfo:
+                           src_version: str | None, if_match: str | None = None,
+                           ) -> ObjectInfo:
         """Ranged GETs under the old key feed parts under the new one; a few parts in memory."""
         if size <= self.part_size:
-            data = await self.get_range(src, 0, size, src_sse, src_version)
+            # an empty source has no GET to carry the condition: a HEAD does
+            if size == 0 and if_match \
+                    and (await self.head(src, src_sse, src_version)).etag != if_match:
+                raise FsError(errno.ESTALE, f"{self._what('GET', src)}: changed")
+            data = await self.get_range(src, 0, size, src_sse, src_version, if_match)
             return await self.put(dst, data, dst_sse, metadata)
         upload_id = await self.create_multipart(dst, dst_sse, metadata)
         etags: dict[int, str] = {}
         try:
             async def one(no: int, start: int, end: int) -> None:
-                data = await self.get_range(src, start, end, src_sse, src_version)
+                data = await self.get_range(src, start, end, src_sse, src_version, if_match)
                 etags[no] = await self.upload_part(dst, upload_id, no, data, dst_sse)
 
             # at most 4 parts in memory at once

@@ -3,6 +3,12 @@ and a log check that fails any test whose logs carry key material or unexpected 
 
 The server comes from ``tests/rgw-up.sh`` (idempotent: reuses a running cluster). If it cannot
 start, every test that needs it fails loudly — nothing is skipped.
+
+A test (or module) marked ``servers("rgw", "localstack")`` runs once per server: the ``rgw``
+fixture is then also the second S3 implementation of ``tests/s3second-up.sh`` (LocalStack's S3
+provider, which answers SSE-C as AWS documents it), so the code is not shaped by one server's
+answers.  Where the two legitimately differ, the test says which answer each gives
+(``rgw.name``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from s3ssefs.keys import Key, KeyFile
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RGW_DIR = Path(os.environ.get("S3SSEFS_RGW_DIR", "/tmp/s3ssefs-rgw"))
+SECOND_DIR = Path(os.environ.get("S3SSEFS_SECOND_DIR", "/tmp/s3ssefs-second"))
+SERVERS = ("rgw", "localstack")
 
 # every key a test made: the log check looks for all of their forms
 _TEST_KEYS: list[bytes] = []
@@ -37,12 +45,15 @@ _TEST_KEYS: list[bytes] = []
 
 @dataclass
 class Rgw:
+    """An S3 server the tests run against (Ceph RGW, or the second one: ``name``)."""
+
     endpoint: str
     http_endpoint: str
     ca: Path
     access_key: str
     secret_key: str
     env: dict[str, str]
+    name: str = "rgw"
 
     def client(self, **config: Any) -> Any:
         return boto3.client(
@@ -70,12 +81,50 @@ def _start_rgw() -> Rgw:
                secret_key=env["AWS_SECRET_ACCESS_KEY"], env=env)
 
 
+def _start_second(rgw: Rgw) -> Rgw:
+    proc = subprocess.run(["bash", str(HERE / "s3second-up.sh"), str(SECOND_DIR)],
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f"tests/s3second-up.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}",
+                    pytrace=False)
+    env: dict[str, str] = {}
+    for line in (SECOND_DIR / "env.sh").read_text().splitlines():
+        if line.startswith("export "):
+            k, _, v = line[7:].partition("=")
+            env[k] = v
+    # LocalStack takes any credentials: the daemons under test keep RGW's from the environment
+    endpoint = env["S3SECOND_ENDPOINT"]
+    return Rgw(endpoint=endpoint, http_endpoint=endpoint.replace("https://", "http://"),
+               ca=Path(env["S3SECOND_CA_BUNDLE"]), access_key=rgw.access_key,
+               secret_key=rgw.secret_key, env=rgw.env, name="localstack")
+
+
 @pytest.fixture(scope="session")
-def rgw() -> Rgw:
+def ceph_rgw() -> Rgw:
     r = _start_rgw()
     # the daemons and CLI under test find credentials the usual boto3 way
     os.environ.update({k: v for k, v in r.env.items() if k.startswith("AWS_")})
     return r
+
+
+@pytest.fixture(scope="session")
+def second_server(ceph_rgw: Rgw) -> Rgw:
+    return _start_second(ceph_rgw)
+
+
+@pytest.fixture(scope="session")
+def rgw(request: pytest.FixtureRequest) -> Rgw:
+    """The server under test: Ceph RGW, or per ``servers`` marker each of :data:`SERVERS`."""
+    name = getattr(request, "param", "rgw")
+    return request.getfixturevalue("ceph_rgw" if name == "rgw" else "second_server")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("servers")
+    if marker is not None and "rgw" in metafunc.fixturenames:
+        names = list(marker.args or SERVERS)
+        assert set(names) <= set(SERVERS), f"unknown servers {names}"
+        metafunc.parametrize("rgw", names, indirect=True, scope="session", ids=names)
 
 
 def _empty_bucket(client: Any, name: str) -> None:

@@ -301,3 +301,185 @@ class FaultProxy:
             self._untrack(client)
             with contextlib.suppress(OSError):
                 tls.close()
+
+
+# ---------------------------------------------------------------------- an HTTP-level proxy
+
+SSE_C_HEADER = "x-amz-server-side-encryption-customer-algorithm"
+
+
+def s3_error(status: int, code: str, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message><RequestId>s3proxy</RequestId></Error>").encode()
+    return status, [("Content-Type", "application/xml")], body
+
+
+class S3Proxy:
+    """An HTTPS reverse proxy that reads each S3 request and answer, and can answer as AWS does
+    where the server behind it does not.  It serves a certificate for 127.0.0.1 signed by the
+    server's test CA (``ca_key`` beside ``ca``), so clients verify it as they verify the
+    server, and keeps the ``Host`` header, so RGW's signature checks still pass.  Switches:
+
+    * ``aws_sse_c``: AWS's SSE-C answers — a GET/HEAD with SSE-C headers of an object stored
+      without SSE-C is ``400 InvalidRequest`` ("encryption parameters are not applicable"), and
+      CompleteMultipartUpload of an upload begun with SSE-C must repeat its SSE-C headers
+      (``400 InvalidRequest``: AWS asks for them when the upload used a checksum or a bucket
+      policy demands SSE-C headers);
+    * ``blocked_sse_c``: a bucket made after April 2026 on AWS — GetBucketEncryption lists
+      ``SSE-C`` in ``BlockedEncryptionTypes`` and every write with SSE-C is ``403 AccessDenied``;
+    * ``region``: a bucket in that region — a request signed for another is
+      ``400 AuthorizationHeaderMalformed`` naming the region (AWS's redirect answer);
+    * ``refuse_lean``: a server that rejects a detail of the lean request path
+      (:mod:`s3ssefs.wire`, which sends no ``User-Agent``): ``403 SignatureDoesNotMatch``.
+
+    ``requests`` records (method, path?query, had SSE-C headers, status) of every request.
+    """
+
+    def __init__(self, endpoint: str, ca: Path, workdir: Path) -> None:
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(endpoint)
+        self.upstream = (up.hostname or "127.0.0.1", up.port or 443)
+        client_ctx = ssl.create_default_context(cafile=str(ca))
+        crt, key = make_leaf_cert(ca, ca.parent / "ca.key", workdir)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(crt), str(key))
+        self.aws_sse_c = False
+        self.blocked_sse_c = False
+        self.refuse_lean = False
+        self.region: str | None = None
+        self.requests: list[tuple[str, str, bool, int]] = []
+        self._sse_c_uploads: set[str] = set()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                keyed = SSE_C_HEADER in {k.lower() for k in self.headers}
+                answer = proxy._answer_first(self.command, self.path, self.headers, keyed)
+                if answer is None:
+                    conn = http.client.HTTPSConnection(*proxy.upstream, context=client_ctx,
+                                                       timeout=300)
+                    try:
+                        conn.putrequest(self.command, self.path, skip_host=True,
+                                        skip_accept_encoding=True)
+                        for name, value in self.headers.items():
+                            if name.lower() not in ("expect", "connection"):
+                                conn.putheader(name, value)
+                        conn.endheaders(body or None)
+                        resp = conn.getresponse()
+                        data = resp.read()
+                    finally:
+                        conn.close()
+                    answer = proxy._answer_after(self.command, self.path, keyed, resp.status,
+                                                 resp.getheaders(), data)
+                status, headers, data = answer
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, keyed, status))
+                self.send_response_only(status)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "connection",
+                                            "content-length"):
+                        self.send_header(name, value)
+                length_out = str(len(data))
+                if self.command == "HEAD":
+                    length_out = dict((k.lower(), v) for k, v in headers).get(
+                        "content-length", "0") if status < 300 else "0"
+                self.send_header("Content-Length", length_out)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = server_ctx.wrap_socket(self.server.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
+        self.endpoint = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _answer_first(self, method: str, path: str, headers: object, keyed: bool,
+                      ) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """An answer the proxy gives without asking the server, or None."""
+        import re
+        from urllib.parse import parse_qs, urlsplit
+
+        query = parse_qs(urlsplit(path).query, keep_blank_values=True)
+        auth = headers.get("Authorization") or ""  # type: ignore[attr-defined]
+        m = re.search(r"Credential=[^/]+/\d+/([^/]+)/s3/", auth)
+        if self.region and m and m.group(1) != self.region:
+            status, hdrs, body = s3_error(
+                400, "AuthorizationHeaderMalformed", f"The authorization header is malformed; "
+                f"the region '{m.group(1)}' is wrong; expecting '{self.region}'")
+            body = body.replace(b"</Error>",
+                                f"<Region>{self.region}</Region></Error>".encode())
+            return status, [*hdrs, ("x-amz-bucket-region", self.region)], body
+        if self.refuse_lean and not headers.get("User-Agent"):  # type: ignore[attr-defined]
+            return s3_error(403, "SignatureDoesNotMatch", "The request signature we "
+                            "calculated does not match the signature you provided.")
+        if self.blocked_sse_c and method == "GET" and "encryption" in query:
+            body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ServerSideEncryptionConfiguration>'
+                    b"<Rule><ApplyServerSideEncryptionByDefault><SSEAlgorithm>AES256"
+                    b"</SSEAlgorithm></ApplyServerSideEncryptionByDefault>"
+                    b"<BlockedEncryptionTypes><EncryptionType>SSE-C</EncryptionType>"
+                    b"</BlockedEncryptionTypes></Rule></ServerSideEncryptionConfiguration>")
+            return 200, [("Content-Type", "application/xml")], body
+        if self.blocked_sse_c and keyed and method in ("PUT", "POST"):
+            return s3_error(403, "AccessDenied", "Requests specifying Server Side Encryption "
+                            "with Customer provided keys are blocked for this bucket.")
+        if self.aws_sse_c and method == "POST" and "uploadId" in query and not keyed:
+            with self._lock:
+                sse_c = query["uploadId"][0] in self._sse_c_uploads
+            if sse_c:
+                return s3_error(400, "InvalidRequest", "The multipart upload initiate "
+                                "requested encryption. Subsequent part requests must include "
+                                "the appropriate encryption parameters.")
+        return None
+
+    def _answer_after(self, method: str, path: str, keyed: bool, status: int,
+                      headers: list[tuple[str, str]], data: bytes,
+                      ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The server's answer, or what AWS would have answered instead."""
+        import re
+        from urllib.parse import parse_qs, urlsplit
+
+        query = parse_qs(urlsplit(path).query, keep_blank_values=True)
+        low = {k.lower(): v for k, v in headers}
+        if method == "POST" and "uploads" in query and keyed and status == 200:
+            m = re.search(rb"<UploadId>([^<]+)</UploadId>", data)
+            if m:
+                with self._lock:
+                    self._sse_c_uploads.add(m.group(1).decode())
+        # an object stored without SSE-C: RGW echoes no key MD5 to a keyed read, LocalStack
+        # echoes its default SSE-S3; AWS refuses the read
+        if self.aws_sse_c and keyed and method in ("GET", "HEAD") and status in (200, 206) \
+                and "uploadId" not in query and "list-type" not in query \
+                and ("x-amz-server-side-encryption" in low
+                     or "x-amz-server-side-encryption-customer-key-md5" not in low):
+            return s3_error(400, "InvalidRequest", "The encryption parameters are not "
+                            "applicable to this object.")
+        return status, headers, data
+
+    def count(self, pred: object) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if pred(r))  # type: ignore[operator]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> S3Proxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -2,7 +2,8 @@
 # tests/setup.sh -- everything s3ssefs needs on a fresh Debian 12 machine (run as root):
 # system packages (FUSE 3, the build tools pyfuse3 needs, the Ceph RGW packages, the peers
 # and tools the tests and benchmarks drive), then a virtualenv in .venv with the package
-# installed editable plus its test extras. Idempotent and quick when everything is there.
+# installed editable plus its test extras, and the second test server (tests/s3second-up.sh).
+# Idempotent and quick when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,4 +34,6 @@ if ! .venv/bin/python -c 'import s3ssefs, pyfuse3, pytest_trio, hypothesis' 2>/d
   .venv/bin/pip install -q -e '.[test]' >&2
   touch .venv/.installed
 fi
+# the second S3 server of the tests (LocalStack's S3, from PyPI, in its own venv under /tmp)
+bash tests/s3second-up.sh --install-only
 echo "setup: ok ($(.venv/bin/python --version), pyfuse3 $(.venv/bin/python -c 'import pyfuse3; print(pyfuse3.__version__)'))" >&2

@@ -5,6 +5,10 @@ store says EACCES (not EIO, not garbage); reads at any offset return exactly the
 large files survive multipart uploads; copies (rename, chmod, rekey) keep the data, change the
 metadata or the key as asked and never leave plaintext in the bucket; huge directories list in
 pages; misconfigurations fail with the right errno; and no key ever reaches a log line.
+
+The tests about keys and the S3 dialect (marked ``servers()``) also run against LocalStack's S3
+(``tests/s3second-up.sh``), which answers SSE-C as AWS documents it; where it answers
+otherwise than RGW, the test says which answer each gives.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ async def multipart_put(store: ObjectStore, name: str, parts: list[bytes], key: 
 # --- keys ------------------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_object_is_unreadable_without_its_key(rgw, bucket, s3, key, other_key) -> None:
     store = make_store(rgw, bucket)
     body = data(100_000)
@@ -105,6 +110,7 @@ async def test_object_is_unreadable_without_its_key(rgw, bucket, s3, key, other_
     assert_keyless_get_fails(s3, bucket, "secret.bin")
 
 
+@pytest.mark.servers()
 async def test_heads_in_one_batch_each_get_their_own_answer(rgw, bucket, key, other_key,
                                                             ) -> None:
     """``head_many`` (``ls -l``'s prefetch): in order, each object its own metadata, or the
@@ -126,6 +132,7 @@ async def test_heads_in_one_batch_each_get_their_own_answer(rgw, bucket, key, ot
 # --- ranged reads ----------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_ranged_reads_at_unaligned_offsets(rgw, bucket, key) -> None:
     store = make_store(rgw, bucket)
     size = 3 * MiB + 4321  # not a multiple of RGW's 4 KiB encryption chunk
@@ -496,6 +503,7 @@ async def test_many_sequential_readers_share_the_memory_and_fetch_each_block_onc
 # --- multipart -------------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_multipart_upload_reads_back_whole(rgw, bucket, s3, key) -> None:
     store = make_store(rgw, bucket)
     parts = [data(5 * MiB), data(5 * MiB), data(1 * MiB)]
@@ -790,6 +798,7 @@ async def test_a_part_on_its_way_does_not_change_when_its_blocks_are_rewritten(
 # --- copy ------------------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_copy_same_key_new_metadata_stays_on_server(rgw, bucket, s3, key) -> None:
     store = make_store(rgw, bucket)
     size = 7 * MiB  # two parts in the multipart copy
@@ -820,7 +829,11 @@ async def test_copy_same_key_new_metadata_stays_on_server(rgw, bucket, s3, key) 
     assert sha(await read_all(store, "dst.bin", key, size)) == sha(body)
 
 
-async def test_copy_to_another_key_streams(rgw, bucket, s3, key, other_key) -> None:
+@pytest.mark.servers()
+async def test_copy_to_another_key_streams_or_stays_on_the_server(rgw, bucket, s3, key,
+                                                                 other_key) -> None:
+    """RGW (Ceph 16) refuses both server-side copies between two SSE-C keys, so the bytes pass
+    through us; LocalStack (as AWS documents) copies between keys with CopyObject."""
     store = make_store(rgw, bucket)
     size = 5 * MiB + 1000  # two parts when streamed
     body = data(size)
@@ -830,7 +843,12 @@ async def test_copy_to_another_key_streams(rgw, bucket, s3, key, other_key) -> N
     await store.copy("old.bin", "new.bin", key, other_key, None, size)
 
     down1, up1 = bytes_moved(store)
-    assert down1 - down0 >= size and up1 - up0 >= size  # the streaming fallback did it
+    if rgw.name == "rgw":
+        assert down1 - down0 >= size and up1 - up0 >= size  # the streaming fallback did it
+        assert store.caps.copy_object_sse_c is False
+    else:
+        assert (down1, up1) == (down0, up0)  # server-side
+        assert store.caps.copy_object_sse_c is True
     assert sha(await read_all(store, "new.bin", other_key, size)) == sha(body)
     head = await store.head("new.bin", other_key)
     assert head.sse_c_md5 == other_key.fingerprint
@@ -842,6 +860,7 @@ async def test_copy_to_another_key_streams(rgw, bucket, s3, key, other_key) -> N
     assert await store.list_multipart_uploads("") == []
 
 
+@pytest.mark.servers()
 async def test_copy_plain_object_to_key_encrypts(rgw, bucket, s3, key) -> None:
     store = make_store(rgw, bucket)
     size = 300_000
@@ -901,6 +920,7 @@ WRITERS: dict[str, Callable[[ObjectStore, Key, Key, bytes], Awaitable[str]]] = {
 }
 
 
+@pytest.mark.servers()
 @pytest.mark.parametrize("path", list(WRITERS))
 async def test_every_write_is_encrypted(rgw, bucket, s3, key, other_key, path) -> None:
     store = make_store(rgw, bucket)
@@ -914,6 +934,7 @@ async def test_every_write_is_encrypted(rgw, bucket, s3, key, other_key, path) -
 # --- listing ---------------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_listing_streams_pages(rgw, bucket, s3) -> None:
     n = 2500
     names = [f"big/d{i % 10}/f{i:04d}" for i in range(n)]
@@ -948,6 +969,7 @@ async def test_listing_streams_pages(rgw, bucket, s3) -> None:
 # --- errors ----------------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_missing_object_and_bucket_are_enoent(rgw, bucket, key) -> None:
     store = make_store(rgw, bucket)
     for k in (key, None):
@@ -999,6 +1021,7 @@ async def test_wrong_credentials_are_eacces(rgw, bucket, key, monkeypatch) -> No
 # --- logs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.servers()
 async def test_debug_log_never_shows_the_key(rgw, bucket, key) -> None:
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
@@ -1014,13 +1037,16 @@ async def test_debug_log_never_shows_the_key(rgw, bucket, key) -> None:
         await store.put("log/a", body, key)
         assert await read_all(store, "log/a", key, len(body)) == body
         await store.copy("log/a", "log/b", key, key, {"mode": "33188"}, len(body))
-        assert store.caps.copy_object_sse_c is False  # so the multipart copy ran
+        # RGW: the multipart copy ran; LocalStack: CopyObject did, with copy-source keys
+        assert store.caps.copy_object_sse_c is (rgw.name != "rgw")
         assert await read_all(store, "log/b", key, len(body)) == body
     finally:
         botolog.removeHandler(handler)
         botolog.setLevel(old_level)
     text = buf.getvalue()
-    assert "UploadPartCopy" in text or "upload_part_copy" in text.lower() or "uploadId" in text
+    if rgw.name == "rgw":
+        assert "UploadPartCopy" in text or "upload_part_copy" in text.lower() \
+            or "uploadId" in text
     assert_no_key_material(text.encode("utf-8", "surrogateescape"), "botocore DEBUG log")
     assert "<redacted>" in text
     assert "x-amz-server-side-encryption-customer-key" in text.lower()
@@ -1042,6 +1068,7 @@ def _same(a: Any, b: Any) -> dict[str, Any]:
             if getattr(a, f) != getattr(b, f)}
 
 
+@pytest.mark.servers()
 async def test_lean_path_answers_exactly_as_boto3(rgw, bucket, s3, key, other_key) -> None:
     """HEAD, ranged GET, PUT and LIST go through the lean path (:mod:`s3ssefs.wire`) unless
     boto3_only: both must see the same objects, bytes, metadata, errors and echoes, on odd
@@ -1074,11 +1101,14 @@ async def test_lean_path_answers_exactly_as_boto3(rgw, bucket, s3, key, other_ke
         for wrong in (None, other_key):
             await assert_eacces(lean.head(k, wrong))
             await assert_eacces(lean.get_range(k, 0, 10, wrong))
+    # LocalStack 4.13 drops a non-ASCII key that follows a continuation token (boto3 alone
+    # shows it too): one page there
+    page = 3 if rgw.name == "rgw" else 1000
     for delim in ("/", None):
         got_lean = [(o.key, o.size, o.etag, o.mtime) async for p in
-                    lean.list_pages("lean/", delimiter=delim, page_size=3) for o in p.objects]
+                    lean.list_pages("lean/", delimiter=delim, page_size=page) for o in p.objects]
         got_boto = [(o.key, o.size, o.etag, o.mtime) async for p in
-                    boto.list_pages("lean/", delimiter=delim, page_size=3) for o in p.objects]
+                    boto.list_pages("lean/", delimiter=delim, page_size=page) for o in p.objects]
         assert got_lean == got_boto
         pre_lean = [q async for p in lean.list_pages("lean/", delimiter=delim) for q in p.prefixes]
         pre_boto = [q async for p in boto.list_pages("lean/", delimiter=delim) for q in p.prefixes]
@@ -1098,6 +1128,7 @@ async def test_lean_path_answers_exactly_as_boto3(rgw, bucket, s3, key, other_ke
     assert_keyless_get_fails(s3, bucket, ODD_KEYS[1])
 
 
+@pytest.mark.servers()
 async def test_lean_upload_parts_are_stored_exactly(rgw, bucket, s3, key) -> None:
     """Multipart parts go through the lean path too: what they upload, boto3 reads back with
     the key, and only with it."""
@@ -1151,6 +1182,7 @@ def test_lean_signer_matches_botocore(monkeypatch) -> None:
         assert ours[h] == theirs[h], h
 
 
+@pytest.mark.servers()
 async def test_lean_path_trusts_the_ca_boto3_trusts(rgw, bucket, key, monkeypatch) -> None:
     """Without --ca-bundle, boto3 trusts AWS_CA_BUNDLE; the lean path must too, or each of its
     attempts would fail TLS and wait for a retry."""
@@ -1162,6 +1194,7 @@ async def test_lean_path_trusts_the_ca_boto3_trusts(rgw, bucket, key, monkeypatc
     assert store.stats.snapshot().get("retries", 0) == 0
 
 
+@pytest.mark.servers()
 def test_lean_transport_refuses_a_server_it_does_not_trust(rgw) -> None:
     """The lean path's own TLS checks the certificate: RGW's, signed by our test CA, is refused
     with the system's CAs and accepted with ours."""
@@ -1178,7 +1211,9 @@ def test_lean_transport_refuses_a_server_it_does_not_trust(rgw) -> None:
     trusting = Pool(host, port, tls_context(str(rgw.ca)), maxsize=1, connect_timeout=5,
                     read_timeout=5)
     answer = trusting.request("GET", "/", [("Host", parts.netloc)])  # anonymous ListBuckets
-    assert answer.status == 200 and b"ListAllMyBucketsResult" in answer.body
+    # (LocalStack answers an anonymous GET / with an empty 200)
+    assert answer.status == 200
+    assert b"ListAllMyBucketsResult" in answer.body or rgw.name != "rgw"
     trusting.close()
 
 
