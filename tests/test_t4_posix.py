@@ -1171,11 +1171,12 @@ def test_a_file_open_for_writing_gets_no_region_in_the_page_cache(
 
 
 def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
-    """The mount's readahead is 1 MiB (the kernel then sends 1 MiB reads, not 128 KiB ones):
-    set after the FUSE handshake, which would otherwise cap it back at 128 KiB."""
+    """The mount's kernel readahead is raised above the 128 KiB the FUSE handshake leaves (so
+    the kernel sends fewer, larger reads): set after the handshake, which would otherwise cap
+    it back.  How far it is raised is tuning, not pinned here."""
     dev = os.stat(mnt.path).st_dev
     ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
-    assert int(ra) == 1024
+    assert int(ra) > 128
 
 
 def test_a_file_read_once_is_not_written_to_the_block_cache(mount_factory: Any, s3: Any,
