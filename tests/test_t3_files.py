@@ -68,6 +68,28 @@ async def test_a_file_written_in_order_leaves_in_parts_while_it_is_written(
     assert store.count("complete_multipart") == 1 and not store.uploads
 
 
+@pytest.mark.parametrize("at", [5, PS + 5], ids=["header", "second-part"])
+async def test_a_part_rewritten_after_it_was_sent_is_sent_again(key: Key, tmp_path: Path,
+                                                                 at: int) -> None:
+    """A program that goes back and patches what already left (a header at the start, a
+    record in a later part whose blocks memory let go) gets the patch into the object: the
+    part holding it is sent again, and the object is exactly what was written."""
+    store = MemStore()
+    body = bytearray(data(6 * PS))
+    async with memfs(store, key, tmp_path) as m:
+        fh = await m.create("patched.bin")
+        for off in range(0, len(body), BS):
+            await m.write(fh, off, bytes(body[off:off + BS]))
+        await settle()
+        part = at // PS + 1
+        assert part in parts_sent(store, "patched.bin")  # it left already
+        await m.write(fh, at, b"PATCH")
+        body[at:at + 5] = b"PATCH"
+        await m.close(fh)
+    assert store.objects["patched.bin"].data == bytes(body)
+    assert parts_sent(store, "patched.bin").count(part) == 2
+
+
 async def test_a_writer_cannot_run_ahead_of_uploads_that_do_not_move(
         key: Key, tmp_path: Path) -> None:
     """While the server takes no part, the writer waits (its written data is bounded by
