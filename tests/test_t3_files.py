@@ -10,7 +10,8 @@ ahead of it, larger than its reads, while a random reader fetches what it reads;
 change to a large object sends only the parts it touched.  The same against a server with
 S3's minimum part size (AWS), where every part but the last must be whole.
 
-The real-server versions of these (test_t2_store, test_t4_posix) stay: they also check the
+Keys come from conftest's ``key`` fixture, so the log check looks for them in every log
+line.  The real-server versions of these (test_t2_store, test_t4_posix) stay: they also check the
 wire, the keys and the kernel.  Sizes here are tiny (4 KiB blocks, 16 KiB parts, see memfs).
 """
 
@@ -29,11 +30,6 @@ from memfs import BS, PS, Sizes, memfs, settle
 from memstore import AWS, MemStore, Server
 
 from s3ssefs.keys import Key
-
-
-@pytest.fixture
-def key() -> Key:
-    return Key("k1", os.urandom(32))
 
 
 def data(n: int, seed: int = 0) -> bytes:

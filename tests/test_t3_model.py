@@ -30,13 +30,12 @@ from typing import Any, TypeVar
 import pyfuse3
 import pytest
 import trio
+from conftest import new_key
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from memfs import BS, PS, MemFs
 from memstore import MemStore, Server
-
-from s3ssefs.keys import Key
 
 T = TypeVar("T")
 NAMES = ["a", "b", "c", "d/x", "d/y"]
@@ -101,7 +100,7 @@ class FileLayer(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="s3ssefs-model-"))
-        self.key = Key("k1", os.urandom(32))
+        self.key = new_key("k1")  # the log check looks for it in every log line
         self.store = MemStore(server=self.server)
         self.loop = TrioThread()
         self.mounts = 0
