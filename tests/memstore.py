@@ -14,7 +14,9 @@ Hooks, for the cases a real server cannot be made to show on demand:
 - :meth:`MemStore.gate`: calls of an operation wait until the test lets them go, so a test
   can hold an upload in flight and look at what the file layer does meanwhile (an event, not
   a sleep);
-- :attr:`MemStore.delay`: seconds each call of an operation takes (trio time);
+- :attr:`MemStore.delay`: seconds each call of an operation takes (trio time; with
+  pytest-trio's ``autojump_clock`` no real time), and :attr:`MemStore.peak_in_flight`, the
+  most calls of it under way at once;
 - :class:`Server`: where servers answer differently (RGW 16, AWS): whether UploadPartCopy
   may change the key, whether CopyObject takes an SSE-C source, a key sent for a plain
   object, the smallest part but the last;
@@ -97,6 +99,8 @@ class MemStore:
         self.uploads: dict[str, _Upload] = {}
         self.calls: list[tuple[str, str, Any]] = []
         self.delay: dict[str, float] = {}
+        self.peak_in_flight: dict[str, int] = {}  # most calls of an op under way at once
+        self._in_flight: dict[str, int] = {}
         self._faults: list[list[Any]] = []  # [op, key or None, errno, count]
         self._gates: dict[str, trio.Event] = {}
         self._waiting: dict[str, int] = {}
@@ -134,7 +138,12 @@ class MemStore:
             finally:
                 self._waiting[op] -= 1
         if self.delay.get(op):
-            await trio.sleep(self.delay[op])
+            self._in_flight[op] = self._in_flight.get(op, 0) + 1
+            self.peak_in_flight[op] = max(self.peak_in_flight.get(op, 0), self._in_flight[op])
+            try:
+                await trio.sleep(self.delay[op])
+            finally:
+                self._in_flight[op] -= 1
         else:
             await trio.lowlevel.checkpoint()  # a request always lets other tasks run
         for f in self._faults:

@@ -238,6 +238,24 @@ async def test_a_sequential_reader_is_served_ahead_and_a_random_one_fetches_litt
         assert down < len(other) // 8, down
 
 
+async def test_a_slow_server_gets_several_readahead_gets_at_once(
+        key: Key, tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """When each GET takes a while (a far server; trio time, jumped), a sequential reader
+    keeps more than one GET in flight: its reads wait for the server's latency once, not
+    once per GET."""
+    store = MemStore()
+    body = data(40 << 20, seed=4)  # several of the largest GETs the readahead makes
+    await store.put("far.bin", body, key)
+    store.delay["get"] = 0.05
+    async with memfs(store, key, tmp_path, sizes=Sizes(block=1 << 20, part=8 << 20,
+                                                        threshold=8 << 20)) as m:
+        fh = await m.open("far.bin", os.O_RDONLY)
+        for off in range(0, len(body), 1 << 20):
+            assert await m.read(fh, off, 1 << 20) == body[off:off + (1 << 20)]
+        await m.close(fh)
+    assert store.peak_in_flight["get"] > 1, store.peak_in_flight
+
+
 # --- changing an existing object ----------------------------------------------------------------
 
 
