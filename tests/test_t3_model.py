@@ -1,10 +1,11 @@
 """Layer 3: the mount's file layer against a reference model, driven by hypothesis.
 
 A :class:`RuleBasedStateMachine` opens, creates, writes, reads, truncates, renames, removes,
-fsyncs and closes files through the mount's own FUSE operations (on the in-memory store of
-:mod:`memstore`, no kernel), remounts, and checks every read against a plain model: a dict
-of names to contents, open handles pointing at a content (so a file renamed or removed while
-open goes on reading and writing through its handles, as POSIX says).  After every step, each
+fsyncs and closes files, makes, renames and removes directories, through the mount's own FUSE
+operations (on the in-memory store of :mod:`memstore`, no kernel), remounts, and checks every
+read and every listing against a plain model: a dict of names to contents, open handles
+pointing at a content (so a file renamed or removed while open, or whose directory is
+renamed, goes on reading and writing through its handles, as POSIX says).  After every step, each
 file that no handle holds open is in the bucket exactly as the model has it (close-to-open),
 and the bucket holds no object the model does not.  This is how mountpoint-s3 checks its
 file system against a reference model; hypothesis shrinks any failure to a short sequence of
@@ -38,7 +39,8 @@ from memfs import BS, PS, MemFs
 from memstore import MemStore, Server
 
 T = TypeVar("T")
-NAMES = ["a", "b", "c", "d/x", "d/y"]
+NAMES = ["a", "b", "c", "d/x", "d/y", "e/x"]
+DIRS = ["d", "e"]
 MAX_HANDLES = 4
 UPLOADS = ("put", "create_multipart", "upload_part", "complete_multipart", "copy",
            "upload_part_copy")
@@ -107,6 +109,7 @@ class FileLayer(RuleBasedStateMachine):
         self.m = self._mount()
         self.names: dict[str, Content] = {}
         self.handles: dict[int, tuple[Content, bool]] = {}  # fh -> (content, opened to write)
+        self.dirs = {"d"}
         self.call(self.m.mkdir, "d")
 
     def _mount(self) -> MemFs:
@@ -138,12 +141,18 @@ class FileLayer(RuleBasedStateMachine):
     def _uploaded(self, c: Content) -> None:
         c.dirty = c.pending = False
 
+    def _parent_exists(self, name: str) -> bool:
+        return "/" not in name or name.split("/")[0] in self.dirs
+
     # ------------------------------------------------------------------ files
     @precondition(lambda self: len(self.handles) < MAX_HANDLES)
     @rule(name=st.sampled_from(NAMES))
     def create(self, name: str) -> None:
         if name in self.names:  # open(O_CREAT) of an existing file opens it
             return self.open(name, write=True, trunc=False)
+        if not self._parent_exists(name):
+            assert self._errno(self.m.create, name) == errno.ENOENT
+            return
         fh = self.call(self.m.create, name)
         self.names[name] = c = Content()
         self.handles[fh] = (c, True)
@@ -291,6 +300,9 @@ class FileLayer(RuleBasedStateMachine):
         if old not in self.names:
             assert self._errno(self.m.rename, old, new) == errno.ENOENT
             return
+        if not self._parent_exists(new):
+            assert self._errno(self.m.rename, old, new) == errno.ENOENT
+            return
         c = self.names[old]
         target = self.names.get(new)
         if self.faults and (c.pending or (target is not None and target.pending)):
@@ -310,10 +322,58 @@ class FileLayer(RuleBasedStateMachine):
 
     @rule()
     def listdir(self) -> None:
-        want = sorted({n.split("/")[0] for n in self.names} | {"d"})
-        assert self.call(self.m.names, "") == want
-        assert self.call(self.m.names, "d") == sorted(
-            n[2:] for n in self.names if n.startswith("d/"))
+        assert self.call(self.m.names, "") == sorted(
+            {n for n in self.names if "/" not in n} | self.dirs)
+        for d in self.dirs:
+            assert self.call(self.m.names, d) == self._files_in(d)
+
+    def _files_in(self, d: str) -> list[str]:
+        return sorted(n[len(d) + 1:] for n in self.names if n.startswith(d + "/"))
+
+    # ------------------------------------------------------------------ directories
+    @rule(d=st.sampled_from(DIRS))
+    def mkdir(self, d: str) -> None:
+        if d in self.dirs:
+            return  # the kernel answers EEXIST from its lookup, never asking
+        self.call(self.m.mkdir, d)
+        self.dirs.add(d)
+
+    @rule(d=st.sampled_from(DIRS))
+    def rmdir(self, d: str) -> None:
+        got = self._errno(self._rmdir, d.encode())
+        if d not in self.dirs:
+            assert got == errno.ENOENT, got
+        elif self._files_in(d):
+            assert got == errno.ENOTEMPTY, got
+        else:
+            assert got == 0, got
+            self.dirs.discard(d)
+
+    async def _rmdir(self, name: bytes) -> None:
+        await self.m.fs.rmdir(pyfuse3.ROOT_INODE, name, None)
+
+    @rule(src=st.sampled_from(DIRS), dst=st.sampled_from(DIRS))
+    def rename_dir(self, src: str, dst: str) -> None:
+        """A directory renamed (its objects copied and deleted), with files in it open or
+        not: every file reads the same under its new name, handles go on working."""
+        if src not in self.dirs:
+            assert self._errno(self.m.rename, src, dst) == errno.ENOENT
+            return
+        moving = [n for n in self.names if n.startswith(src + "/")]
+        if self.faults and any(self.names[n].pending for n in moving):
+            return  # would upload kept data now: covered by close, fsync and umount
+        if src != dst and dst in self.dirs and self._files_in(dst):
+            assert self._errno(self.m.rename, src, dst) == errno.ENOTEMPTY
+            return
+        self.call(self.m.rename, src, dst)
+        if src == dst:
+            return
+        self.dirs.discard(src)
+        self.dirs.add(dst)
+        for n in moving:
+            c = self.names.pop(n)
+            self.names[dst + n[len(src):]] = c
+            self._uploaded(c)  # dirty files are uploaded before the move
 
     @precondition(lambda self: not self.handles)
     @rule()
@@ -335,7 +395,7 @@ class FileLayer(RuleBasedStateMachine):
                 obj = self.store.objects.get(name)
                 assert obj is not None, f"{name} is not in the bucket"
                 assert obj.data == c.data, f"{name} differs in the bucket"
-        extra = set(self.store.objects) - set(self.names) - {"d/"}
+        extra = set(self.store.objects) - set(self.names) - {d + "/" for d in self.dirs}
         assert not extra, f"objects the model does not have: {extra}"
 
 
