@@ -341,14 +341,13 @@ class BlockSource:
         (a shuffle over a training set): then the file is soon fetched in large GETs,
         several at once, and the random reads are served locally.  It costs a sparse reader
         (lookups here and there) a whole region per read, and on a server that shares the
-        machine's cores those background GETs slow the reader's own: the README's
-        performance section has the figures.
+        machine's cores those background GETs slow the reader's own: docs/benchmarks.md has
+        the figures.
 
         A region is fetched once while it is remembered (as many as the disk cache holds,
         most recently read first): its blocks are kept at once, not from their second fetch
         as readahead's are (:meth:`_admit`).  Fetched again whenever memory let them go, a
-        file larger than the memory LRU was downloaded over and over by one reader: 2,000
-        reads of 1 GiB ran at 1.1x boto3 serial instead of 1.9x, on 1.6x the CPU.  The
+        file larger than the memory LRU was downloaded over and over by one reader.  The
         exception is a region handed to the kernel: a read of it that reaches us and finds
         its block in neither memory nor the disk cache means the kernel has let the pages
         go, and the region is fetched again."""

@@ -7,10 +7,9 @@ frees the old one's space early.
 
 Every block is sealed with the mount's :class:`~s3ssefs.crypto.LocalCipher`, in chunks of
 CHUNK bytes each sealed on its own, so a small read of a cached block reads and opens only
-the chunk holding it (:meth:`BlockCache.get_range`): random 4 KiB reads of a file in the cache
-went from about 900 to 2,000 a second, most of the old cost being the 1 MiB disk read.
-Chunks are 256 KiB, not smaller, because each costs a call into the cipher that lets go of
-the GIL, and reading whole blocks with 64 KiB chunks took 27% more CPU (256 KiB: 7%).  Each
+the chunk holding it (:meth:`BlockCache.get_range`), not the whole block.  Chunks are not
+much smaller than 256 KiB, because each costs a call into the cipher that lets go of the GIL,
+which whole-block reads pay once per chunk (docs/benchmarks.md has the figures).  Each
 chunk's associated data names object, block, chunk and the block's length, so a chunk read
 from the wrong place fails to open.  Nothing on disk names an object.  Files of earlier mounts
 are unreadable, so they are deleted on start.
@@ -20,13 +19,13 @@ of ``4096 << c`` bytes, slot ``n`` at offset ``n * (4096 << c)``; a blob goes to
 class it fits.  A freed slot's pages go back to the file system at once (a punched hole) and
 the slot is reused by the next blob of its class.  One file per class, not one per block:
 creating, renaming and deleting a file per block made ext4 spend more CPU on inode allocation
-than the cache spent on encryption (about a sixth of a cold read's CPU).  ``bytes_used`` counts
+than the cache spent on encryption.  ``bytes_used`` counts
 the 4 KiB pages the blobs occupy, which is what they take on disk.
 
 Slot files of blobs over 512 KiB (whole blocks) are opened with ``O_DIRECT``: blobs go between
 our (page-aligned, whole-page) buffers and the disk without passing through the page cache.
 Buffered, every cached block was copied into freshly allocated page-cache pages, and that copy
-was the largest single cost of a cold read (28% of the daemon's CPU in ``perf``), for
+was the largest single cost of a cold read in ``perf``, for
 ciphertext nobody else reads; hot blocks are kept decrypted in the memory LRU above this cache,
 and the kernel keeps what readers read.  Smaller blobs (fragments of random reads) stay
 buffered, so re-reading one is a page-cache hit.  File systems without ``O_DIRECT`` (tmpfs

@@ -19,12 +19,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from s3ssefs import __version__
-from s3ssefs.config import OPTIONS, ConfigError, MountConfig, split_o_options
+from s3ssefs.config import (
+    CONNECTION_OPTIONS,
+    OPTIONS,
+    ConfigError,
+    MountConfig,
+    split_o_options,
+)
 from s3ssefs.errors import MountError
 from s3ssefs.keys import KeyFile, KeyFileError
-from s3ssefs.logsetup import setup_logging
+from s3ssefs.logsetup import setup_logging, stderr_is_journal
 
 log = logging.getLogger(__name__)
+
+# `mount` exits with this when its options, instance file or key file are unusable: trying again
+# cannot help, so the systemd unit does not restart on it (RestartPreventExitStatus=).
+EXIT_CONFIG = 78
 
 
 class UsageError(Exception):
@@ -36,10 +46,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _add_mount_options(p: argparse.ArgumentParser, *, s3_only: bool = False) -> None:
+def _add_mount_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """The mount options as long options and ``-o``; ``only``: just these (by name)."""
+    p.set_defaults(allowed_options=only)
     p.add_argument("-o", dest="o", action="append", default=[], metavar="NAME=VALUE,…",
-                   help="options as in fstab (comma-separated)")
+                   help="options as in fstab (comma-separated)" if only is None else
+                   "any of these options as NAME=VALUE, comma-separated")
     for opt in OPTIONS:
+        if only is not None and opt.name not in only:
+            continue
         flag = "--" + opt.name.replace("_", "-")
         if opt.flag:
             p.add_argument(flag, dest=f"opt_{opt.name}", action="store_const", const="true",
@@ -52,6 +67,9 @@ def _option_values(args: argparse.Namespace, instance: dict[str, str] | None = N
                    ) -> dict[str, str]:
     values: dict[str, str] = dict(instance or {})
     values.update(split_o_options(args.o))
+    allowed = getattr(args, "allowed_options", None)
+    if allowed is not None and (extra := sorted(set(values) - set(allowed))):
+        raise UsageError(f"s3ssefs {args.command}: option {extra[0]} does not apply here")
     for opt in OPTIONS:
         v = getattr(args, f"opt_{opt.name}", None)
         if v is not None:
@@ -95,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("bucket", nargs="?", metavar="BUCKET[/PREFIX]")
     m.add_argument("mountpoint", nargs="?", type=Path)
     m.add_argument("--instance-config", type=Path, help="systemd instance file")
+    m.add_argument("--keyfile-source", type=Path, metavar="PATH",
+                   help="file the key file's systemd credential was loaded from: its owner "
+                        "and mode are checked as the key file's")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--daemonized", action="store_true", help=argparse.SUPPRESS)
     _add_mount_options(m)
@@ -104,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("keygen", help="new key file with one fresh key")
     g.add_argument("path", type=Path)
-    g.add_argument("--id", dest="key_id")
+    g.add_argument("--id", dest="key_id", help="the key's id (default: today's date)")
 
     k = sub.add_parser("keys", help="manage a key file")
     ks = k.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
@@ -112,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("path", type=Path)
     ka = ks.add_parser("add", help="add a key")
     ka.add_argument("path", type=Path)
-    ka.add_argument("--id", dest="key_id")
+    ka.add_argument("--id", dest="key_id", help="the key's id (default: today's date)")
     src = ka.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-file", type=Path, help="file with 32 raw bytes or their base64")
     src.add_argument("--base64-stdin", action="store_true", help="read base64 from stdin")
@@ -126,25 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("rekey", help="re-encrypt objects server-side to one key")
     r.add_argument("bucket", metavar="BUCKET[/PREFIX]")
-    r.add_argument("--to", dest="to_key", metavar="ID")
-    r.add_argument("--dry-run", action="store_true")
-    r.add_argument("--jobs", type=int, default=8)
-    _add_mount_options(r, s3_only=True)
+    r.add_argument("--to", dest="to_key", metavar="ID",
+                   help="the key to re-encrypt to (default: the current key)")
+    r.add_argument("--dry-run", action="store_true", help="only list what would be done")
+    r.add_argument("--jobs", type=int, default=8, metavar="N",
+                   help="objects re-encrypted at once (8)")
+    _add_mount_options(r, ("keyfile", "part_size", *CONNECTION_OPTIONS))  # part_size: copies
 
     s = sub.add_parser("stats", help="counters of a live mount")
     s.add_argument("mountpoint", type=Path)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the counters as JSON")
 
     c = sub.add_parser("cleanup", help="abort multipart uploads left by a killed daemon")
     c.add_argument("bucket", metavar="BUCKET[/PREFIX]")
-    c.add_argument("--older-than", default="24h", help="only uploads older than this (24h)")
-    c.add_argument("--dry-run", action="store_true")
-    _add_mount_options(c, s3_only=True)
+    c.add_argument("--older-than", default="24h", metavar="DURATION",
+                   help="only uploads older than this (24h)")
+    c.add_argument("--dry-run", action="store_true", help="only list the uploads")
+    _add_mount_options(c, CONNECTION_OPTIONS)  # aborting uploads needs no key
 
     ps = sub.add_parser("presign", help="presigned URL for an object (key sent as headers)")
     ps.add_argument("path", type=Path, help="file under a mount")
-    ps.add_argument("--expires", default="1h")
-    ps.add_argument("--put", action="store_true")
+    ps.add_argument("--expires", default="1h", metavar="DURATION",
+                    help="how long the URL is valid: 30m, 1h, 7d at most (1h)")
+    ps.add_argument("--put", action="store_true",
+                    help="a URL that uploads (replaces) the object instead of reading it")
+    ps.add_argument("--curl", action="store_true",
+                    help="print only a curl command line that does the request (it reads the "
+                         "key from the key file when it runs)")
     return p
 
 
@@ -160,6 +189,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("s3ssefs mount: BUCKET[/PREFIX] and MOUNTPOINT are required")
     values = _option_values(args, instance)
     cfg = MountConfig.from_options(bucket, Path(mountpoint), values)
+    if args.keyfile_source is not None:
+        KeyFile.load(args.keyfile_source)  # LoadCredential= copies it with mode 0400
     if cfg.foreground or args.daemonized:
         from s3ssefs.daemon import run_foreground
 
@@ -349,7 +380,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 def cmd_presign(args: argparse.Namespace) -> int:
     from s3ssefs.presign import run_presign
 
-    return run_presign(args.path, expires=_parse_duration(args.expires), put=args.put)
+    return run_presign(args.path, expires=_parse_duration(args.expires), put=args.put,
+                       curl_only=args.curl)
 
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "keygen": cmd_keygen, "keys": cmd_keys,
@@ -369,26 +401,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     except (ConfigError, KeyFileError, MountError) as e:
-        print(f"s3ssefs: {e}", file=sys.stderr)
+        print(f"{'<3>' if stderr_is_journal() else ''}s3ssefs: {e}", file=sys.stderr)
+        if args.command == "mount" and isinstance(e, (ConfigError, KeyFileError)):
+            return EXIT_CONFIG
         return 1
     except KeyboardInterrupt:
         return 130
 
 
-def mount_helper_main(argv: Sequence[str] | None = None) -> int:
-    """``mount -t s3ssefs SPEC DIR -o opts`` runs ``mount.s3ssefs SPEC DIR [-sfnv] -o opts``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_helper_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mount.s3ssefs")
-    p.add_argument("spec", metavar="BUCKET[/PREFIX]")
+    p.add_argument("spec", metavar="BUCKET[/PREFIX]",
+                   help="what to mount; s3ssefs:BUCKET/PREFIX, as mount(8) lists it, also works")
     p.add_argument("mountpoint", type=Path)
-    p.add_argument("-o", dest="o", action="append", default=[])
+    p.add_argument("-o", dest="o", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, comma-separated, as in fstab (see s3ssefs(1))")
     p.add_argument("-s", action="store_true", help="tolerate sloppy options (ignored)")
     p.add_argument("-f", action="store_true", help="fake: check the options only")
     p.add_argument("-n", action="store_true", help="do not write /etc/mtab (ignored)")
     p.add_argument("-v", action="store_true", help="verbose")
     p.add_argument("-t", dest="type", help=argparse.SUPPRESS)
+    return p
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """``mount -t s3ssefs SPEC DIR -o opts`` runs ``mount.s3ssefs SPEC DIR [-sfnv] -o opts``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = p.parse_args(argv)
+        args = build_helper_parser().parse_args(argv)
         values = split_o_options(args.o)
         if args.v:
             values.setdefault("log_level", "info")

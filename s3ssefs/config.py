@@ -175,6 +175,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("sse", _sse, "encryption for writes: c (key file), s3 or kms:KEYID", metavar="MODE"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+# The options of commands that talk to S3 without mounting (rekey, cleanup): the connection
+# and logging.  Those commands accept no other.
+CONNECTION_OPTIONS = ("endpoint", "region", "profile", "credentials_file", "ca_bundle",
+                      "allow_http", "max_requests", "request_timeout", "log_level", "log_file")
 
 # Generic mount(8) options we accept and ignore (or map): fstab users write them.
 GENERIC_MOUNT_OPTIONS = ("rw", "ro", "noatime", "atime", "relatime", "nodev", "nosuid", "dev",
@@ -268,6 +272,8 @@ class MountConfig:
     def from_options(cls, bucket_path: str, mountpoint: Path | None,
                      values: dict[str, str], *, require_keyfile: bool = True) -> MountConfig:
         """Build from ``name → raw string`` (already split from ``-o`` or long options)."""
+        # "s3ssefs:BUCKET/PREFIX" is how mount(8) lists the source; bucket names have no ":"
+        bucket_path = bucket_path.removeprefix("s3ssefs:")
         bucket, _, prefix = bucket_path.strip("/").partition("/")
         kw: dict[str, Any] = {}
         for name, raw in values.items():

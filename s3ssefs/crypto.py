@@ -86,10 +86,9 @@ class BufferPool:
 
     A fresh megabyte buffer per block costs a page fault per 4 KiB the first time it is
     written (the kernel hands out zeroed pages); sealing into, or reading into, a reused one
-    costs none.  That was most of the CPU of putting a block in the cache (256 puts of 1 MiB:
-    0.37 s and 123,000 page faults, now 0.11 s and 276).  Buffers are anonymous mappings, so
-    they start on a page boundary and whole pages long, as ``O_DIRECT`` I/O requires
-    (:mod:`s3ssefs.cache`).
+    costs none.  That was most of the CPU of putting a block in the cache.  Buffers are
+    anonymous mappings, so they start on a page boundary and whole pages long, as ``O_DIRECT``
+    I/O requires (:mod:`s3ssefs.cache`).
     """
 
     def __init__(self, keep: int = 8) -> None:

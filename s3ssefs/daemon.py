@@ -70,12 +70,11 @@ def tune_malloc() -> None:
 
     Every GET body is a fresh multi-megabyte buffer.  With glibc's defaults most come from new
     mappings or from heap space just trimmed, and the kernel then faults in (and zeroes) each
-    4 KiB page: a cold 1 GiB read took 206,000 page faults.  Serving buffers up to
-    MALLOC_MMAP_FROM from the heaps and keeping up to MALLOC_KEEP free at the top of each
-    halves that (107,000) and saves about 5% of the daemon's CPU (medians of 4 interleaved
-    runs).  Two arenas, not one per thread: with the GIL there is little to contend for,
-    and many arenas each keeping MALLOC_KEEP raised the peak RSS of a 2 GiB read from 509
-    to 782 MiB (two: 418 against 445 MiB without any tuning).  Not glibc: nothing to do.
+    4 KiB page.  Serving buffers up to MALLOC_MMAP_FROM from the heaps and keeping up to
+    MALLOC_KEEP free at the top of each avoids about half of those faults.  Two arenas, not
+    one per thread: with the GIL there is little to contend for, and many arenas each keeping
+    MALLOC_KEEP raise the peak RSS of a large read far more than they save.  Not glibc:
+    nothing to do.  (Figures in docs/benchmarks.md.)
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)

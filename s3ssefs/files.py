@@ -355,9 +355,8 @@ class FileData:
         again, so keeping it would only duplicate those pages; memory is for the blocks
         readahead fetched ahead of the reader.  Dropped, the blocks a 1 GiB read passes
         through reuse a few readahead windows' worth of memory instead of filling the whole
-        LRU with freshly faulted pages: a cold read made a quarter of the page faults, on 7%
-        less daemon CPU.  The lag is for a readahead task started before this read but not
-        yet run: it would find the block gone and fetch it again."""
+        LRU with freshly faulted pages.  The lag is for a readahead task started before this
+        read but not yet run: it would find the block gone and fetch it again."""
         assert self.base is not None
         self.ctx.source.demote(self.base, b)
         self._served_blocks.append(b)
@@ -497,8 +496,8 @@ class FileData:
         For a file written from empty, every write at its end (cp, dd, a download), the parts
         after the first go to S3 straight from memory: a block whose part is on its way is
         read from that part's buffer meanwhile, and once S3 has the part, the part is its
-        copy.  Sealing and writing every block to the spill as well cost a 1 GiB write 30%
-        of the daemon's CPU.  The spill is for what S3 does not have yet: blocks of parts not
+        copy.  Sealing and writing every block to the spill as well was a large share of a
+        write's CPU.  The spill is for what S3 does not have yet: blocks of parts not
         sent, of a part whose upload failed (put back in memory, then spilled), and of the
         first part, which a program that patches a header at the end rewrites (re-sent from
         the spill at close).  If a block whose only copy is a sent part is wanted after all

@@ -31,7 +31,17 @@ from s3ssefs.errors import FsError
 from s3ssefs.files import Ctx, FileData
 from s3ssefs.inodes import MAX_CACHED_ENTRIES, ROOT, InodeTable, Listing, Node, check_name, join
 from s3ssefs.keyring import KeyRing
-from s3ssefs.meta import Attrs, attrs_from_object, merge_foreign, metadata_for
+from s3ssefs.meta import (
+    XATTR,
+    Attrs,
+    attrs_from_object,
+    format_xattrs,
+    merge_foreign,
+    metadata_for,
+    parse_xattrs,
+    storable_xattr_name,
+    xattr_room,
+)
 from s3ssefs.store import ListPage, ObjectInfo, ObjectStore
 from s3ssefs.view import LiveView
 
@@ -1121,6 +1131,11 @@ class Filesystem(pyfuse3.Operations):
         return True
 
     # ------------------------------------------------------------------ xattrs
+    # user.* attributes live in the object's x-amz-meta-xattr, as s3fs keeps them (meta.py);
+    # user.s3ssefs.* are read-only and describe the object.  No security labels, ACLs or
+    # trusted attributes here: "not supported", as on a file system without them, and not
+    # "none on this file".  ls -l asks for security.selinux and system.posix_acl_access of
+    # every file it lists until it hears ENOTSUP; then it asks no more on this mount.
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         node = self.inodes.get(inode)
@@ -1131,25 +1146,74 @@ class Filesystem(pyfuse3.Operations):
         if name == b"user.s3ssefs.etag":
             return node.etag.encode()
         if not name.startswith(b"user."):
-            # no security labels, ACLs or trusted attributes here: "not supported", as on a
-            # file system without them, and not "none on this file".  ls -l asks for
-            # security.selinux and system.posix_acl_access of every file it lists until it
-            # hears ENOTSUP; then it asks no more on this mount (2 requests, not 2 per file)
             raise FsError(errno.ENOTSUP, "only user.* attributes")
-        raise FsError(pyfuse3.ENOATTR, "no such attribute")
+        value = (await self._xattrs(node)).get(name)
+        if value is None:
+            raise FsError(pyfuse3.ENOATTR, "no such attribute")
+        return value
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         node = self.inodes.get(inode)
-        return [] if node.is_dir else list(XATTRS)
+        own = [] if node.is_dir else list(XATTRS)
+        return own + sorted(await self._xattrs(node))
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise FsError(errno.ENOTSUP, "extended attributes are not stored")
+        node = self._xattr_target(inode, name)
+        xattrs = await self._xattrs(node)
+        if not storable_xattr_name(name):
+            raise FsError(errno.EINVAL, 'an attribute name with ", , or : cannot be stored')
+        room = xattr_room(self.metadata(node))
+        if len(format_xattrs({name: value})) > room:
+            raise FsError(errno.E2BIG, "attribute larger than S3's user metadata allows")
+        xattrs[name] = value
+        header = format_xattrs(xattrs)
+        if len(header) > room:
+            raise FsError(errno.ENOSPC, "no room left in S3's user metadata of this object")
+        await self._store_xattrs(node, header)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise FsError(errno.ENOTSUP, "extended attributes are not stored")
+        node = self._xattr_target(inode, name)
+        xattrs = await self._xattrs(node)
+        if xattrs.pop(name, None) is None:
+            raise FsError(pyfuse3.ENOATTR, "no such attribute")
+        await self._store_xattrs(node, format_xattrs(xattrs) if xattrs else None)
+
+    def _xattr_target(self, inode: int, name: bytes) -> Node:
+        self._check_writable()
+        node = self.inodes.get(inode)
+        if not name.startswith(b"user."):
+            raise FsError(errno.ENOTSUP, "only user.* attributes")
+        if name.startswith(b"user.s3ssefs."):
+            raise FsError(errno.EPERM, "user.s3ssefs.* attributes are read-only")
+        if node.locked:
+            raise FsError(errno.EACCES, f"no key opens {node.path}")
+        if not node.path:
+            raise FsError(errno.EPERM, "the mount point has no object to hold attributes")
+        return node
+
+    async def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        """The node's user attributes, from metadata at most attr_ttl old (a listed entry's
+        HEAD may not have been made yet)."""
+        if node.remote and (node.data is None or not node.data.dirty):
+            await self._refresh(node)
+        return parse_xattrs(node.metadata.get(XATTR))
+
+    async def _store_xattrs(self, node: Node, header: str | None) -> None:
+        """New attributes: with the data if it is dirty, else by rewriting the metadata as
+        chmod does (a large object is copied server-side, never sent again)."""
+        old_meta, old_attrs = node.metadata, node.attrs
+        node.metadata = {k: v for k, v in node.metadata.items() if k != XATTR}
+        if header is not None:
+            node.metadata[XATTR] = header
+        node.attrs = replace(node.attrs, ctime_ns=_now_ns())
+        try:
+            await self._persist_attrs(node)
+        except BaseException:
+            node.metadata, node.attrs = old_meta, old_attrs
+            raise
 
     # ------------------------------------------------------------------ shutdown
     async def flush_all(self) -> list[str]:

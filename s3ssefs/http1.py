@@ -1,11 +1,10 @@
 """A small keep-alive HTTP/1.1 client: the transport under :mod:`s3ssefs.wire`.
 
-urllib3 and ``http.client`` cost ~0.3 ms of CPU per request on this kind of machine (header
-objects, ``email`` parsing, five Python layers per socket read), more than signing and
-sending the request: measured with serial requests to RGW over TLS, signing included, a HEAD
-took 0.55 ms of client CPU through urllib3 and 0.23 ms here; a 64 KiB GET 0.66 and 0.32 ms.
-With the daemon sharing two cores with the server, that CPU bounds ``ls -l``, small files and
-random reads.
+urllib3 and ``http.client`` spend more CPU per request (header objects, ``email`` parsing,
+five Python layers per socket read) than signing and sending the request costs, and this
+client spends about half of what they do on a small request (docs/benchmarks.md).  When the
+daemon shares its cores with the server, that CPU bounds ``ls -l``, small files and random
+reads.
 
 It does only what S3 answers need: one request at a time per connection (no pipelining),
 ``Content-Length``, chunked and read-to-close bodies, 1xx answers skipped, ``Connection:
@@ -21,8 +20,8 @@ connection.  The requests we send are idempotent.
 The pool also keeps how long the server took to answer the last few small requests sent while
 at most one other was in flight (:meth:`Pool.fastest_answer`): the round trip plus the
 server's least work, which says how far away the server is (see :mod:`s3ssefs.streams`).
-Large answers and busy moments are left out: RGW on this machine, busy with a cold read, took
-7-114 ms to start answering 8 MiB GETs, and a HEAD among 16 in flight waits its turn.
+Large answers and busy moments are left out: a server busy with a cold read takes many round
+trips' time to start answering a large GET, and a HEAD among 16 in flight waits its turn.
 """
 
 from __future__ import annotations
@@ -84,11 +83,11 @@ def _unfilled(n: int) -> bytearray:
     """A ``bytearray`` of ``n`` bytes whose content is whatever the allocator had there.
 
     ``bytearray(n)`` zeroes its ``n`` bytes while holding the GIL, and a streaming GET's
-    body is 8 MiB: in a cold read that zeroing took 3.7% of the daemon's CPU in ``perf``
-    and 7% of its samples in ``py-spy``; the first touch of fresh pages (98% of its page
-    faults) came there too, under the GIL, where it now comes in the socket read with the
-    GIL released.  The caller overwrites every byte before anyone sees the buffer
-    (:meth:`_Conn.read_into` fills it exactly or raises).
+    body is 8 MiB: in a cold read that zeroing showed in ``perf`` and ``py-spy``, and the
+    first touch of fresh pages (nearly all of the daemon's page faults) came there too, under
+    the GIL, where it now comes in the socket read with the GIL released.  The caller
+    overwrites every byte before anyone sees the buffer (:meth:`_Conn.read_into` fills it
+    exactly or raises).
     """
     b = bytearray()
     if n and _resize(b, n):

@@ -5,6 +5,11 @@ A filter on every handler rewrites any record whose text carries a key header or
 and a second line of defence replaces the base64 and hex forms of every loaded key wherever
 they appear.  The filter is installed on handlers (not loggers) so records from any library
 pass through it.
+
+Under systemd, stderr is a stream to the journal (systemd sets ``JOURNAL_STREAM`` to its device
+and inode).  Each line then starts with its syslog priority (``<3>`` error … ``<7>`` debug),
+which journald strips and keeps as the entry's level, so ``journalctl -p warning`` and the
+colours of ``journalctl -u`` work; journald adds the time and the unit's name itself.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import base64
 import logging
 import logging.handlers
+import os
 import re
 import sys
 import threading
@@ -65,9 +71,36 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+_PRIORITY = ((logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))  # else 7 (debug)
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal stream systemd connected (``JOURNAL_STREAM=dev:ino``)."""
+    try:
+        dev, ino = (int(v) for v in os.environ["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 3 err, 4 warning, 6 info, 7 debug."""
+    return next((p for level, p in _PRIORITY if levelno >= level), 7)
+
+
+class JournalFormatter(logging.Formatter):
+    """Every line of a record (a traceback's too) prefixed with the record's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
 def setup_logging(level: str = "INFO", log_file: Path | None = None,
                   foreground: bool = True) -> None:
-    """stderr in the foreground (journald adds timestamps), a file or syslog otherwise."""
+    """stderr in the foreground (with priorities when it is the journal), a file or syslog
+    otherwise."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -81,7 +114,8 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None,
     else:
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         fmt = "s3ssefs[%(process)d]: %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    journal = type(handler) is logging.StreamHandler and stderr_is_journal()
+    handler.setFormatter(JournalFormatter(fmt) if journal else logging.Formatter(fmt))
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     root.setLevel(level)

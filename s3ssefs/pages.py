@@ -5,10 +5,8 @@ around it.  The kernel only keeps the pages a program read, so every later read 
 region used to come back to the daemon as a FUSE request, and a block the memory LRU had let
 go was read from the encrypted disk cache: a thread hop, a disk read and a decryption per
 4 KiB read.  Handing the fetched region to the kernel instead makes those reads page-cache
-hits that never reach us, and the region need not be sealed and written to disk at all.
-2,000 random 4 KiB reads of a 1 GiB file (``random_readahead=8M``, bluestore RGW on this
-machine, medians of 5 interleaved runs) went from 382 to 582 a second, on a quarter less
-daemon CPU; the disk writes had also stalled single reads for up to a second.
+hits that never reach us, and the region need not be sealed and written to disk at all (the
+disk writes had also stalled single reads; figures in docs/benchmarks.md).
 
 The store is a write to ``/dev/fuse`` in which the kernel locks each page it fills.  A page
 is also locked while the kernel waits for our answer to a read of it, and answers come from

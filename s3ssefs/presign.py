@@ -119,8 +119,9 @@ def _assert_no_key(url: str, key: Key) -> None:
         raise MountError("this botocore puts the SSE-C key into presigned URLs; refusing")
 
 
-def presign(path: Path, expires: float, put: bool) -> str:
-    """The text ``s3ssefs presign`` prints: URL, required headers, a ready curl line."""
+def presign(path: Path, expires: float, put: bool, curl_only: bool = False) -> str:
+    """The text ``s3ssefs presign`` prints: URL, required headers, a ready curl line (or with
+    ``curl_only`` that line alone, to run as it is)."""
     if not 1 <= expires <= MAX_EXPIRES:
         raise MountError(f"--expires must be between 1s and 7d (SigV4 limit), not {expires:.0f}s")
     mountpoint, info, resolved = find_mount(path)
@@ -176,6 +177,8 @@ def presign(path: Path, expires: float, put: bool) -> str:
             curl += ["-H", shlex.quote(f"{h}: {value}")]
     curl += ["-T", name] if put else ["-o", name]
     curl.append(shlex.quote(url))
+    if curl_only:
+        return " ".join(curl) + "\n"
     lines = [url]
     if headers:
         lines.append("Headers the client must send with it (the URL alone is refused):")
@@ -188,6 +191,6 @@ def presign(path: Path, expires: float, put: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_presign(path: Path, expires: float, put: bool) -> int:
-    print(presign(path, expires, put), end="")
+def run_presign(path: Path, expires: float, put: bool, curl_only: bool = False) -> int:
+    print(presign(path, expires, put, curl_only), end="")
     return 0

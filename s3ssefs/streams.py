@@ -3,18 +3,15 @@
 A streaming GET (a readahead run of up to 8 MiB, see :mod:`s3ssefs.blocks`) costs the daemon
 CPU for every byte: its worker thread takes the GIL back for each 16 KiB TLS record, and a
 block bound for the disk cache is sealed and written.  Against a server near enough to answer
-in a millisecond or two, as RGW on this machine's loopback, the cores are the limit and more
-streams only spend them on lock hand-offs.  Measured there (medians of 3 interleaved runs):
-8 parallel readers of 128 MiB, up to 16 streams 295 MiB/s at 3.8 CPU s/GiB, 4 streams 320 at
-3.3 (memstore); with the block cache written ``O_DIRECT``, 2 streams read as fast as 4 for
-8 readers and for one cold 1 GiB file, at 8-9% less CPU, and as fast as 8 (285-293 against
-291-298 MiB/s, 5% less CPU; bluestore).  Blocks that skip the cache (a first pass, or a file
-over ``cache_stream_max``) leave the cores to the GETs, and 2 streams then leave them idle
-(13-18%): 4 read a cold 1 GiB file at 363-382 MiB/s against 343-362.  Against a server far
-away one connection is bound by its round trips and by the server's rate per connection
-(AWS quotes ~85-90 MB/s), and 2 streams leave the link idle: through a proxy adding 10 ms
-each way and capping each connection at 80 MiB/s (``tests/bench/farproxy.py``), 2 streams
-read a cold 256 MiB file at 93-94 MiB/s, 8 at 181-188; 16, with a 128 MiB window, no faster.
+in a millisecond or two, as RGW on a test machine's loopback, the cores are the limit and
+more streams only spend them on lock hand-offs: 2 streams read as fast as 4 or 8, on less
+CPU.  Blocks that skip the cache (a first pass, or a file over ``cache_stream_max``) leave
+the cores to the GETs, and 2 streams then leave some idle, so those get 4.  Against a server
+far away one connection is bound by its round trips and by the server's rate per connection
+(AWS documents one well below a fast link's), and 2 streams leave the link idle: through a
+proxy adding latency and capping each connection's rate (``tests/bench/farproxy.py``), 8
+streams read about twice as fast as 2, and 16 no faster than 8.  The measurements are in
+docs/benchmarks.md.
 
 The endpoint's name does not say which case a mount is in; the time the server takes to
 answer does.  The fastest answer among the last few small requests sent at quiet moments
@@ -22,9 +19,9 @@ answer does.  The fastest answer among the last few small requests sent at quiet
 and CPU contention on our side can only make answers slower, never faster, so one quick answer
 proves the server near.  Over :data:`FAR` the mount gets :data:`FAR_STREAMS` streams for both
 kinds of blocks.  The two mistakes do not cost the same: a near server taken for far costs
-~5% more CPU and reads as fast, a far one taken for near reads at half speed; so the line is
-low, though above what RGW here answers in when idle: an SSE-C HEAD took 1.3-2.3 ms, the
-first on a new connection 1.8-4.8 ms.
+a little more CPU and reads as fast, a far one taken for near reads at half speed; so the
+line is low, though above what a server on the same machine answers a small request in when
+idle, even on a new connection.
 ``get_streams`` fixes the count instead.  With ``boto3_only`` no answer is timed (the lean
 path's client times them) and the near counts hold.
 """

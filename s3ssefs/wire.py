@@ -1,13 +1,13 @@
 """A lean request path for the hot small S3 calls: HEAD, ranged GET, PUT and LIST.
 
-Profiling ``ls -l`` and small-file creation showed boto3 spending ~1.4 ms of CPU per small
+Profiling ``ls -l`` and small-file creation showed boto3 spending most of its CPU per small
 request on its model machinery (parameter validation, event hooks, response parsing with
-dateutil, 1,000 times per listing page), against ~0.5 ms for signing and sending the same
-request with our own SigV4 signer over urllib3.  With the daemon sharing two cores with the
+dateutil, 1,000 times per listing page): several times what signing and sending the same
+request with our own SigV4 signer costs.  With the daemon sharing two cores with the
 server, that CPU is the limit of ``ls -l`` and of creating many small files, so those calls
 take this path.  Requests go over :mod:`s3ssefs.http1`, our small keep-alive HTTP/1.1 client,
-which brought a HEAD from ~0.5 to ~0.23 ms: urllib3 and ``http.client`` cost more CPU per
-request than the signing and the request itself.
+because urllib3 and ``http.client`` cost more CPU per request than the signing and the
+request itself (figures in docs/benchmarks.md).
 
 It makes *first attempts* only, never a second client: a request that fails in a way worth
 retrying without an answer (no connection, a reset, a body cut off) raises :class:`Retry`;
@@ -66,8 +66,9 @@ def usable(endpoint: str | None) -> bool:
 class Signer:
     """AWS Signature Version 4 for S3 requests, with the day's signing key kept.
 
-    botocore's ``S3SigV4Auth`` takes ~230 µs a request (it rebuilds the request and derives
-    the key anew each time), 40% of a lean HEAD; this takes a tenth of that.  Every header we
+    botocore's ``S3SigV4Auth`` rebuilds the request and derives the key anew each time, a
+    large share of a lean HEAD's CPU; this keeps the day's key and does a fraction of that
+    work.  Every header we
     send is signed.  Checked against the server (a bad signature is a 403) by the store tests.
     """
 
@@ -154,7 +155,7 @@ class WireClient:
     def upload_part(self, key: str, upload_id: str, part_no: int, headers: dict[str, str],
                     body: Body) -> dict[str, Any]:
         """One part of a multipart upload, each of the body's buffers sent in one piece
-        (boto3 streams it in 16 KiB writes and spends twice the CPU on an 8 MiB part)."""
+        (boto3 streams it in 16 KiB writes, which costs far more CPU on a large part)."""
         query = f"partNumber={part_no}&uploadId={quote(upload_id, safe='-_.~')}"
         status, hdrs, _ = self._send("PUT", key, query, headers, body, "UploadPart")
         return _fields(hdrs, status)

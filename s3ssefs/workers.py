@@ -8,9 +8,9 @@ a rename of the OS thread for every job, and the result brought back through two
 :func:`run_sync` keeps the same contract (a ``CapacityLimiter`` held until the thread is done,
 by default trio's own; a call abandoned on cancel if asked; the caller's exception re-raised)
 with idle threads waiting on one queue, named once, and the result brought back with one
-``run_sync_soon``.  ``tests/bench/handoff.py`` (5,000 calls at once through a limiter of 16, 2
-cores): 248 µs of CPU per call with trio's, 171 µs with this.  ``ls -l`` of 1,000 files is
-1,000 HEADs: the daemon's CPU for it fell by 14%, for 1,000 small files written by 19%.
+``run_sync_soon``.  ``tests/bench/handoff.py`` measures the hand-off alone; ``ls -l`` of
+1,000 files is 1,000 HEADs, and writing 1,000 small files 1,000 PUTs, so its cost shows in
+both (figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -117,6 +117,21 @@ ensure_user() {
   RA user modify --uid="$RUID" --max-buckets=1000 >/dev/null
 }
 
+start_rgw() { # start radosgw (it daemonizes) and wait until it answers on both ports
+  local T i
+  T=$(date +%s.%N)
+  timeout 120 radosgw -c "$CONF" -n client.rgw.a 2>>"$DIR/log/rgw-start.log" || die "radosgw failed to start (see $DIR/log/client.rgw.a.log)"
+  for i in $(seq 240); do
+    curl -s -o /dev/null "http://127.0.0.1:$HTTP_PORT/" 2>/dev/null && \
+    curl -s -o /dev/null --cacert "$DIR/tls/ca.crt" "https://127.0.0.1:$HTTPS_PORT/" 2>/dev/null && break
+    pid_alive "$DIR/run/client.rgw.a.pid" || { sleep 1; pid_alive "$DIR/run/client.rgw.a.pid" || die "radosgw died (see $DIR/log/client.rgw.a.log)"; }
+    sleep 0.5
+  done
+  curl -s -o /dev/null --cacert "$DIR/tls/ca.crt" "https://127.0.0.1:$HTTPS_PORT/" \
+    || die "radosgw not answering on https://127.0.0.1:$HTTPS_PORT (see $DIR/log/client.rgw.a.log)"
+  log "radosgw up ($(since "$T")s)"
+}
+
 running_store() { sed -n 's/^osd_objectstore = //p' "$CONF" 2>/dev/null; }
 if all_up && [ -n "${RGW_OBJECTSTORE:-}" ] && [ "$(running_store)" != "$STORE" ]; then
   log "running cluster uses $(running_store), $STORE asked for: rebuilding"
@@ -124,6 +139,17 @@ if all_up && [ -n "${RGW_OBJECTSTORE:-}" ] && [ "$(running_store)" != "$STORE" ]
 fi
 if all_up; then
   log "cluster in $DIR already running (pids $(cat "$DIR"/run/*.pid | tr '\n' ' '))"
+  ensure_user
+  write_env
+  exit 0
+fi
+
+# Monitor and OSD up but radosgw not: a test is restarting radosgw (test_t6_restart.py), or it
+# died. The data lives in the OSD, so never wipe it for that: wait for radosgw to come back,
+# else start radosgw alone.
+if pid_alive "$DIR/run/mon.a.pid" && pid_alive "$DIR/run/osd.0.pid"; then
+  for i in $(seq 120); do pid_alive "$DIR/run/client.rgw.a.pid" && break; sleep 0.5; done
+  pid_alive "$DIR/run/client.rgw.a.pid" || { log "radosgw of $DIR is down: starting it"; start_rgw; }
   ensure_user
   write_env
   exit 0
@@ -259,17 +285,7 @@ C osd dump | grep -q '^osd.0 up' || die "osd.0 did not come up (see $DIR/log/osd
 log "osd.0 ($STORE) up ($(since "$T")s)"
 
 # ---------------------------------------------------------------- rgw
-T=$(date +%s.%N)
-timeout 120 radosgw -c "$CONF" -n client.rgw.a 2>>"$DIR/log/rgw-start.log" || die "radosgw failed to start (see $DIR/log/client.rgw.a.log)"
-for i in $(seq 240); do
-  curl -s -o /dev/null "http://127.0.0.1:$HTTP_PORT/" 2>/dev/null && \
-  curl -s -o /dev/null --cacert "$DIR/tls/ca.crt" "https://127.0.0.1:$HTTPS_PORT/" 2>/dev/null && break
-  pid_alive "$DIR/run/client.rgw.a.pid" || { sleep 1; pid_alive "$DIR/run/client.rgw.a.pid" || die "radosgw died (see $DIR/log/client.rgw.a.log)"; }
-  sleep 0.5
-done
-curl -s -o /dev/null --cacert "$DIR/tls/ca.crt" "https://127.0.0.1:$HTTPS_PORT/" \
-  || die "radosgw not answering on https://127.0.0.1:$HTTPS_PORT (see $DIR/log/client.rgw.a.log)"
-log "radosgw up ($(since "$T")s)"
+start_rgw
 ensure_user
 log "S3 user '$RUID' ready; cluster up in $(since "$T0")s total (rgw_crypt_require_ssl=$REQUIRE_SSL)"
 write_env

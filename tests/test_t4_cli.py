@@ -520,14 +520,18 @@ def sbin_helper() -> Any:
 
 def test_mount_t_s3ssefs(mount_factory: Any, bucket: str, sbin_helper: Path) -> None:
     m = mount_factory(bucket, mount=False)
-    for unmount in ("umount(8)", "s3ssefs umount"):
-        r = subprocess.run(["mount", "-t", "s3ssefs", bucket, str(m.path), "-o", helper_opts(m)],
+    # the source as fstab has it, and as mount(8) lists it
+    for source, unmount in ((bucket, "umount(8)"), (f"s3ssefs:{bucket}", "s3ssefs umount")):
+        r = subprocess.run(["mount", "-t", "s3ssefs", source, str(m.path), "-o", helper_opts(m)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{r.stderr}\n{m.log_tail()}"
         assert os.path.ismount(m.path)
         fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", str(m.path)],
                                 capture_output=True, text=True).stdout.strip()
         assert fstype == "fuse.s3ssefs"
+        listed = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(m.path)],
+                                capture_output=True, text=True).stdout.strip()
+        assert listed == f"s3ssefs:{bucket}"
         roundtrip(m, unmount.replace(" ", "-"))
         pid = m.pid
         if unmount == "umount(8)":

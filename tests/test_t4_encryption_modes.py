@@ -20,8 +20,11 @@ import errno
 import hashlib
 import http.client
 import os
+import re
+import shlex
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +40,8 @@ from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.keys import Key
 from s3ssefs.store import ObjectStore, _same_kms_key
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 1 << 20
 KMS_KEY = "testkey-1"  # rgw_crypt_s3_kms_encryption_keys in tests/rgw-up.sh
@@ -328,6 +333,27 @@ def presign(*args: str) -> tuple[str, str, str]:
     curl = [ln.strip() for ln in lines if ln.strip().startswith("curl ")]
     assert len(curl) == 1, r.stdout
     return lines[0], curl[0], r.stdout
+
+
+def test_presign_example_of_the_manual_runs(bucket, key, mnt, tmp_path) -> None:
+    """The presign line of s3ssefs(1)'s EXAMPLES, run as printed (naming this test's file):
+    it fetches the file's exact bytes, and fails loudly if it cannot."""
+    page = subprocess.run(["mandoc", "-T", "ascii", "-O", "width=250",
+                           str(ROOT / "man" / "s3ssefs.1")], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+    page = re.sub(r".\x08", "", page)
+    (line,) = [ln.strip() for ln in page.splitlines() if ln.strip().startswith("$ s3ssefs presign")]
+    assert "~/photos/2026/beach.jpg" in line
+    body = os.urandom(300_000)
+    (mnt.path / "beach.jpg").write_bytes(body)
+    command = line[2:].replace("~/photos/2026/beach.jpg", shlex.quote(str(mnt.path / "beach.jpg")))
+    work = tmp_path / "client"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (work / "beach.jpg").read_bytes() == body
 
 
 def curl_status(*args: str) -> int:

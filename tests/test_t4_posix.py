@@ -873,10 +873,10 @@ def test_fifo_and_hard_link(mnt: Any) -> None:
 
 def test_extended_attributes(mnt: Any, key: Key) -> None:
     """Each file has three read-only ``user.s3ssefs.*`` attributes (its key's id, version,
-    ETag); other ``user.*`` names are absent (ENODATA) and none can be set (ENOTSUP).
-    Security labels, ACLs and trusted attributes are not supported at all (ENOTSUP, as on a
-    file system without them, not ENODATA): that is what makes ``ls -l`` ask for them once
-    per mount instead of twice per file, and it shows no ``.`` or ``+`` after the mode."""
+    ETag) beside the ``user.*`` ones set on it.  Security labels, ACLs and trusted attributes
+    are not supported at all (ENOTSUP, as on a file system without them, not ENODATA): that is
+    what makes ``ls -l`` ask for them once per mount instead of twice per file, and it shows no
+    ``.`` or ``+`` after the mode."""
     f = mnt.path / "x.txt"
     f.write_bytes(b"x")
     assert sorted(os.listxattr(f)) == ["user.s3ssefs.etag", "user.s3ssefs.key",
@@ -888,11 +888,98 @@ def test_extended_attributes(mnt: Any, key: Key) -> None:
         with pytest.raises(OSError) as ei:
             os.getxattr(f, name)
         assert ei.value.errno == err, name
+    for name, err in (("security.selinux", errno.ENOTSUP), ("trusted.x", errno.ENOTSUP),
+                      ("user.s3ssefs.key", errno.EPERM), ('user.a"b', errno.EINVAL),
+                      ("user.a,b", errno.EINVAL), ("user.a:b", errno.EINVAL)):
+        with pytest.raises(OSError) as ei:
+            os.setxattr(f, name, b"v")
+        assert ei.value.errno == err, name
     with pytest.raises(OSError) as ei:
-        os.setxattr(f, "user.note", b"v")
-    assert ei.value.errno == errno.ENOTSUP
+        os.removexattr(f, "user.other")
+    assert ei.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as ei:  # the mount point is no object
+        os.setxattr(mnt.path, "user.note", b"v")
+    assert ei.value.errno == errno.EPERM
     listing = run("ls", "-l", mnt.path).stdout.splitlines()
     assert len(listing) == 2 and len(listing[1].split()[0]) == 10, listing
+
+
+def test_user_extended_attributes_are_stored(mnt: Any, bucket: str, s3: Any, key: Key) -> None:
+    """``user.*`` attributes are kept in the object (s3fs's ``x-amz-meta-xattr``): set,
+    replaced, listed, removed, on files, directories and files still open for writing; they
+    outlive chmod and a remount, and the file's content is unchanged."""
+    f = mnt.path / "doc.txt"
+    f.write_bytes(b"content")
+    value = bytes(range(256))  # any bytes, NULs included
+    os.setxattr(f, "user.tag", b"blue")
+    os.setxattr(f, "user.DOSATTRIB", value)
+    os.setxattr(f, "user.empty", b"")
+    os.setxattr(f, "user.tag", b"green")  # replaced
+    os.chmod(f, 0o600)
+    d = mnt.path / "dir"
+    d.mkdir()
+    os.setxattr(d, "user.xdg.comment", "Ünïcode".encode())
+    with open(mnt.path / "open.bin", "wb") as w:
+        w.write(b"w" * 1000)
+        os.setxattr(w.fileno(), "user.while-open", b"1")
+        w.write(b"w" * 1000)
+    head = s3.head_object(Bucket=bucket, Key="doc.txt", SSECustomerAlgorithm="AES256",
+                          SSECustomerKey=key.raw)
+    assert "xattr" in head["Metadata"] and head["ContentLength"] == len(b"content")
+
+    mnt.remount()
+    assert sorted(n for n in os.listxattr(f) if not n.startswith("user.s3ssefs.")) == [
+        "user.DOSATTRIB", "user.empty", "user.tag"]
+    assert os.getxattr(f, "user.tag") == b"green"
+    assert os.getxattr(f, "user.DOSATTRIB") == value
+    assert os.getxattr(f, "user.empty") == b""
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600 and f.read_bytes() == b"content"
+    assert os.getxattr(d, "user.xdg.comment") == "Ünïcode".encode()
+    assert os.getxattr(mnt.path / "open.bin", "user.while-open") == b"1"
+    assert (mnt.path / "open.bin").read_bytes() == b"w" * 2000
+
+    os.removexattr(f, "user.tag")
+    os.removexattr(f, "user.DOSATTRIB")
+    os.removexattr(f, "user.empty")
+    mnt.remount()
+    assert sorted(os.listxattr(f)) == ["user.s3ssefs.etag", "user.s3ssefs.key",
+                                       "user.s3ssefs.version"]
+    meta = s3.head_object(Bucket=bucket, Key="doc.txt", SSECustomerAlgorithm="AES256",
+                          SSECustomerKey=key.raw)["Metadata"]
+    assert "xattr" not in meta
+
+
+def test_extended_attributes_bounded_by_s3_metadata(mnt: Any) -> None:
+    """S3 keeps at most 2 KiB of user metadata per object (AWS): a value that can never fit is
+    E2BIG, one that does not fit beside the attributes already there is ENOSPC, and what was
+    stored before stays."""
+    f = mnt.path / "f"
+    f.write_bytes(b"x")
+    os.setxattr(f, "user.a", b"a" * 1000)
+    with pytest.raises(OSError) as ei:
+        os.setxattr(f, "user.big", b"b" * 2048)
+    assert ei.value.errno == errno.E2BIG
+    with pytest.raises(OSError) as ei:
+        os.setxattr(f, "user.b", b"b" * 1000)
+    assert ei.value.errno == errno.ENOSPC
+    assert os.getxattr(f, "user.a") == b"a" * 1000
+    os.removexattr(f, "user.a")
+    os.setxattr(f, "user.b", b"b" * 1000)  # room again
+    assert os.getxattr(f, "user.b") == b"b" * 1000
+
+
+def test_setxattr_on_a_large_file_sends_no_data(mnt: Any, bucket: str, s3: Any,
+                                                key: Key) -> None:
+    """Setting an attribute rewrites metadata only: a large object is copied server-side."""
+    f = mnt.path / "large.bin"
+    data = os.urandom(8 << 20)
+    f.write_bytes(data)
+    before = mount_stats(mnt).get("bytes_up", 0)
+    os.setxattr(f, "user.tag", b"v")
+    assert mount_stats(mnt).get("bytes_up", 0) - before < 64 << 10
+    got = s3.get_object(Bucket=bucket, Key="large.bin", SSECustomerAlgorithm="AES256",
+                        SSECustomerKey=key.raw)
+    assert got["Body"].read() == data and "xattr" in got["Metadata"]
 
 
 # --- no plaintext on local disk --------------------------------------------------------------

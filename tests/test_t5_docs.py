@@ -7,10 +7,12 @@ fails and says which package to install; nothing here is skipped.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -165,7 +167,7 @@ def test_unit_verify(tmp_path: Path) -> None:
     """``systemd-analyze verify`` on an instance of the template prints nothing.
 
     It runs against a scratch root (``--root``) holding a copy of the system's unit directory,
-    the template and a stand-in ``/usr/bin/s3ssefs`` (verify checks that ExecStart= is
+    the template and a stand-in ``/usr/local/bin/s3ssefs`` (verify checks that ExecStart= is
     executable), so the host is not touched whether s3ssefs is installed there or not.  The man
     pages named by Documentation= are found through MANPATH."""
     analyze = _tool("systemd-analyze")
@@ -228,10 +230,12 @@ def test_unit_contract() -> None:
                                             "keyfile:/etc/s3ssefs/%i.key"]
     (start,) = kv["ExecStart"]
     argv = start.split()
-    assert argv[:2] == ["/usr/bin/s3ssefs", "mount"]
+    assert argv[:2] == ["/usr/local/bin/s3ssefs", "mount"]
     assert "--foreground" in argv
     assert argv[argv.index("--instance-config") + 1] == "/etc/s3ssefs/%i.conf"
     assert argv[argv.index("--keyfile") + 1] == "${CREDENTIALS_DIRECTORY}/keyfile"
+    assert argv[argv.index("--keyfile-source") + 1] == "/etc/s3ssefs/%i.key"
+    assert kv["RestartPreventExitStatus"] == ["78"]
     assert argv[argv.index("--credentials-file") + 1] == "${CREDENTIALS_DIRECTORY}/aws-credentials"
     # secrets only through credentials: nothing secret-looking in the environment
     for k, v in lines:
@@ -257,3 +261,95 @@ def test_example_instance_file() -> None:
     cfg = MountConfig.from_options(bucket, Path(mountpoint),
                                    {**values, "keyfile": "/run/credentials/x/keyfile"})
     assert cfg.bucket and cfg.mountpoint == Path(mountpoint)
+
+
+# --- command-line help -----------------------------------------------------------------------
+
+def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the CLI and of the mount helper, by the command it parses."""
+    from s3ssefs.cli import build_helper_parser, build_parser
+
+    out = [("mount.s3ssefs", build_helper_parser())]
+    todo = [("s3ssefs", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        out.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return out
+
+
+def test_every_option_has_a_help_line() -> None:
+    missing = [f"{name} {action.option_strings[0]}" for name, parser in _parsers()
+               for action in parser._actions
+               if action.option_strings and not action.help]
+    assert not missing, f"options without a help line: {missing}"
+
+
+@pytest.mark.parametrize("command, only", [
+    ("rekey", {"--to", "--dry-run", "--jobs", "-o", "--keyfile", "--part-size"}),
+    ("cleanup", {"--older-than", "--dry-run", "-o"}),
+])
+def test_s3_commands_list_only_the_options_they_use(command: str, only: set[str]) -> None:
+    """rekey and cleanup talk to S3 without mounting: their help lists the connection options
+    and their own, no FUSE or cache option; and they refuse the others, also given with -o."""
+    from s3ssefs.config import CONNECTION_OPTIONS
+
+    want = only | {"--" + o.replace("_", "-") for o in CONNECTION_OPTIONS} | {"-h"}
+    proc = _run([sys.executable, "-m", "s3ssefs", command, "--help"])
+    assert proc.returncode == 0, proc.stderr
+    listed = set(re.findall(r"^  (-[-\w]+)", proc.stdout, re.M))
+    assert listed == want, f"{command} --help: extra {listed - want}, missing {want - listed}"
+    for argv in (["--allow-other"], ["-o", "cache_size=1G"]):
+        proc = _run([sys.executable, "-m", "s3ssefs", command, "bucket", *argv])
+        assert proc.returncode == 2, (argv, proc.stderr)
+
+
+def test_mount_source_as_mount_lists_it() -> None:
+    """``s3ssefs:BUCKET/PREFIX`` (the source /proc/self/mounts shows) means BUCKET/PREFIX."""
+    for source in ("bkt/p/q", "s3ssefs:bkt/p/q"):
+        cfg = MountConfig.from_options(source, Path("/mnt"), {"keyfile": "/k"})
+        assert (cfg.bucket, cfg.prefix) == ("bkt", "p/q/"), source
+
+
+# --- README and docs -------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+
+
+def test_readme_is_a_user_guide() -> None:
+    """README stays short, with the sections users and the other docs point at; the record of
+    measurements is docs/benchmarks.md, and every bench result it names is committed."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 420
+    headings = re.findall(r"^##+ (.+)$", text, re.M)
+    for title in ("Install", "The two commands", "Using it", "The key file", "Semantics",
+                  "Security", "Reliability", "Encryption modes", "Tested servers",
+                  "Performance"):
+        assert any(h.startswith(title) for h in headings), f"README has no section {title!r}"
+    perf = text.split("## Performance", 1)[1].split("\n## ", 1)[0]
+    assert len(perf.strip().splitlines()) <= 24 and "docs/benchmarks.md" in perf
+    bench = BENCHMARKS.read_text()
+    names = set(re.findall(r"results-[\w.-]+?\.json", bench)) - {"results-DATE.json"}
+    assert names, "docs/benchmarks.md names no bench results"
+    missing = sorted(n for n in names if not (ROOT / "tests" / "bench" / n).exists())
+    assert not missing, f"docs/benchmarks.md names results not in tests/bench: {missing}"
+
+
+def test_docstrings_hold_no_timings() -> None:
+    """Module, class and function docstrings say why, not how fast one machine was: figures
+    such as '320 MiB/s' or '0.23 ms' belong in docs/benchmarks.md."""
+    import ast
+
+    figure = re.compile(r"\d[\d.,]*\s?(?:[KMG]i?B/s|ops/s|ms|µs|CPU s)\b")
+    found = []
+    for path in sorted((ROOT / "s3ssefs").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef
+                          | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node) or ""
+                found += [f"{path.name}: {m.group(0)}" for m in figure.finditer(doc)]
+    assert not found, f"timings in docstrings: {found}"

@@ -458,7 +458,7 @@ def test_kill_9_during_multipart_upload(mnt: Mounted, bucket: str, s3: Any, key:
     os.stat(mnt.path)
     # and `cleanup` aborts the leftover upload
     r = cli("cleanup", bucket, "--older-than", "0", "--endpoint", rgw.endpoint,
-            "--ca-bundle", str(rgw.ca), "--keyfile", str(mnt.keyfile), timeout=120)
+            "--ca-bundle", str(rgw.ca), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "1 unfinished upload(s) aborted" in r.stdout, r.stdout
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")

@@ -5,9 +5,10 @@ memory at once) and large files stream through the encrypted spill as multipart 
 a directory of 50,000 objects is listed and a 2 GiB file copied in and read back, and the
 daemon's peak RSS (VmHWM from /proc) is checked against a bound derived below.
 
-The figures are printed (``pytest -s``) and logged (one INFO line of ``tests.scale``); README's
-"Reliability" section quotes them.  The RGW keeps its data in RAM (memstore), so each test
-deletes what it created, in a ``finally``.
+The figures are printed (``pytest -s``) and logged (one INFO line of ``tests.scale``);
+docs/benchmarks.md ("Daemon memory") quotes them, README's "Reliability" sums them up.
+The RGW keeps its data in RAM (memstore), so each test deletes what it created, in a
+``finally``.
 """
 
 from __future__ import annotations

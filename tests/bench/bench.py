@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
-"""s3ssefs benchmark: s3ssefs against s3fs-fuse, rclone mount and direct boto3, all on SSE-C.
+"""s3ssefs benchmark: s3ssefs against s3fs-fuse, rclone mount, boto3 and the AWS CRT S3 client,
+all on SSE-C.
 
-Never part of the test suite.  Run as root (FUSE mounts, drop_caches) from the repo root:
+Never part of the test suite.  Run as root (FUSE mounts, drop_caches, cgroups) from the repo
+root:
 
-    .venv/bin/python tests/bench/bench.py --size 1G --runs 3 --json bench.json
+    .venv/bin/python tests/bench/bench.py --size 1G --runs 5 --json bench.json
 
-Every system gets a fresh bucket of the local Ceph RGW (tests/rgw-up.sh) per run, over HTTPS,
-with one SSE-C key generated for this invocation and handed to each tool its own way (never on
-argv).  Runs are interleaved: run 1 of every system, then run 2 of every system (in a rotated
-order), ...  Medians, min-max, the ratio of s3ssefs (or --ratio-base) to each other system and
-the client CPU of each system are printed and, with --json, written out.
+The machine it runs on is usually shared and its speed drifts, so the method is built to
+compare systems under the same conditions rather than to trust absolute figures:
+- interleaved per workload: in each round every system's cold read runs back to back (order
+  rotated per round), then every system's write, and so on, never one system for minutes;
+- ratios are paired: the median over rounds of s3ssefs's run / the other system's run of the
+  same round (summary.py holds the rules), printed with every round's ratio; fewer than
+  summary.MIN_ROUNDS rounds give figures, not a verdict;
+- every system reads the same objects, written once with SSE-C by a neutral writer (boto3,
+  8 MiB parts); each write workload writes into a fresh bucket of its own;
+- client CPU is every process of a system's client side (daemon and the workload process:
+  fio, ls, the library worker), one cgroup v2 per system, so the kernel's FUSE copies charged
+  to the reader count too.
 
-Mount systems are driven with fio (sequential / random / parallel reads and writes) and plain
-file calls (small files, ls -l, rename); "boto3" runs the same workloads directly with boto3 in
-a worker subprocess (parallel ranged GETs, parallel multipart PUT) as the client-side limit;
-"boto3-serial" writes the small files one PUT at a time.
-See tests/bench/README.md.
+Every system gets the one SSE-C key generated for this invocation, handed to it its own way
+(never on argv).  See tests/bench/README.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -40,6 +47,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import summary  # tests/bench/summary.py: the pairing and headline rules
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -117,6 +126,78 @@ def proc_tree_cpu(pid: int) -> float | None:
             total += one(c)
         stack.extend(children.get(c, []))
     return total
+
+
+def cgroup2_parent(runid: str) -> Path | None:
+    """A fresh cgroup v2 directory for this invocation's per-system cgroups, or None when there
+    is no writable cgroup v2 hierarchy (mounted at /sys/fs/cgroup, or /sys/fs/cgroup/unified
+    on a hybrid v1+v2 machine).  No controller is needed: cpu.stat's usage_usec is kept for
+    every cgroup."""
+    with open("/proc/self/mounts") as f:
+        roots = [Path(ln.split()[1]) for ln in f if len(ln.split()) > 2
+                 and ln.split()[2] == "cgroup2"]
+    for root in roots:
+        d = root / f"s3ssefs-bench-{runid}"
+        try:
+            d.mkdir()
+        except OSError:
+            continue
+        if (d / "cpu.stat").is_file():
+            return d
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    return None
+
+
+def remove_cgroups(parent: Path) -> None:
+    """rmdir the per-system cgroups and their parent (each must have no process left)."""
+    for d in [*sorted(p for p in parent.iterdir() if p.is_dir()), parent]:
+        for _ in range(20):
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                time.sleep(0.25)
+        else:
+            log(f"could not remove cgroup {d} (a process still in it?)")
+
+
+class CpuMeter:
+    """Client CPU of one system, counted the same way for every system.
+
+    With a cgroup v2 parent: one cgroup per system.  The mount daemon and every workload
+    process (fio, ls, the fs worker) start inside it; the library workers move themselves into
+    it once Python and the client are loaded, as a daemon's start-up is not counted either.
+    cpu.stat's usage_usec is then user + system time of all of them, the kernel's FUSE copies
+    (charged to the reading or writing process) included.  Without one: the daemon's process
+    tree from /proc plus the harness's waited children (the workload processes and workers,
+    their start-up included)."""
+
+    def __init__(self, parent: Path | None, name: str) -> None:
+        self.cg: Path | None = None
+        if parent is not None:
+            self.cg = parent / name
+            self.cg.mkdir(exist_ok=True)
+
+    @property
+    def procs_file(self) -> str | None:
+        return str(self.cg / "cgroup.procs") if self.cg else None
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """cmd, started inside the cgroup (a shell puts itself there, then execs cmd)."""
+        if self.cg is None:
+            return cmd
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.procs_file), *cmd]
+
+    def read(self, daemon_pid: int | None) -> tuple[float, float]:
+        """(user + system, system) seconds so far."""
+        if self.cg is not None:
+            st = dict(ln.split() for ln in (self.cg / "cpu.stat").read_text().splitlines()
+                      if len(ln.split()) == 2)
+            return int(st["usage_usec"]) / 1e6, int(st.get("system_usec", 0)) / 1e6
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        tree = (proc_tree_cpu(daemon_pid) or 0.0) if daemon_pid else 0.0
+        return r.ru_utime + r.ru_stime + tree, r.ru_stime
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -303,8 +384,10 @@ class S3:
                 "mtime": str(int(time.time()))}
 
     def seed(self, b: str, key: str, size: int) -> None:
-        """Upload `size` random bytes with SSE-C (multipart above 16 MiB), untimed."""
-        part = 16 * MiB
+        """Upload `size` random bytes with SSE-C, untimed: the neutral writer of every object
+        the systems read (multipart above 8 MiB in 8 MiB parts, the default of boto3's and the
+        CRT's transfer managers; no mount under test wrote it)."""
+        part = 8 * MiB
         buf = os.urandom(min(size, part))
         if size <= part:
             self.c.put_object(Bucket=b, Key=key, Body=buf[:size], Metadata=self.meta(), **self.sse)
@@ -328,8 +411,8 @@ class S3:
             list(ex.map(lambda k: self.seed(b, k, size), keys))
 
     def encryption(self, b: str, key: str) -> str:
-        """'sse-c' if a keyless GET fails and a keyed HEAD says AES256, 'PLAINTEXT' if a keyless
-        GET returns data, else a short description."""
+        """'sse-c' if a keyless GET and a keyless HEAD fail and a keyed HEAD says AES256,
+        'PLAINTEXT' if a keyless GET returns data, else a short description."""
         from botocore.exceptions import ClientError
 
         try:
@@ -339,6 +422,11 @@ class S3:
             code = e.response.get("Error", {}).get("Code", "?")
             if code in ("NoSuchKey", "404"):
                 return "missing"
+        try:
+            self.c.head_object(Bucket=b, Key=key)
+            return "keyless HEAD answers"
+        except ClientError:
+            pass
         try:
             h = self.c.head_object(Bucket=b, Key=key, **self.sse)
         except ClientError as e:
@@ -365,6 +453,8 @@ class Ctx:
     s3: S3 | None = None
     systems: dict = field(default_factory=dict)
     fio_start: float = 0.0  # see fio_start_up
+    cg_parent: Path | None = None  # see CpuMeter
+    read_bucket: str = ""  # the objects every system reads (see seed_read_bucket)
 
     @property
     def key_b64(self) -> str:
@@ -384,6 +474,10 @@ class System:
     mount_timeout = 30.0
     workloads: tuple[str, ...] | None = None  # the ones it runs; None: all
 
+    @classmethod
+    def does(cls, workload: str) -> bool:
+        return cls.workloads is None or workload in cls.workloads
+
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self.dir = ctx.work / self.name
@@ -393,6 +487,7 @@ class System:
         self.logf = self.dir / "mount.log"
         self.proc: subprocess.Popen | None = None
         self.bucket = ""
+        self.meter = CpuMeter(ctx.cg_parent, self.name)
         self.prepare()
 
     # -- hooks
@@ -411,8 +506,9 @@ class System:
         with open(self.logf, "a") as lf:
             lf.write(f"\n===== {time.strftime('%T')} mount {self.bucket}\n")
             lf.flush()
-            self.proc = PROCS.start(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=self.dir)
+            self.proc = PROCS.start(self.meter.wrap(cmd), env=env, stdout=lf,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=self.dir)
         PROCS.mounts.add(self.mnt)
         t_end = time.monotonic() + self.mount_timeout
         what = "no mount"
@@ -460,7 +556,7 @@ class System:
         finish the mount is taken as hung: aborted (so the command is released), MountError.
         Returns (wall seconds, stdout)."""
         t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        p = subprocess.Popen(self.meter.wrap(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         try:
             out, err = p.communicate(input, timeout=self.ctx.args.timeout)
@@ -502,21 +598,17 @@ class System:
         self.cache.mkdir()
 
     def cold(self) -> None:
-        """Empty every cache: remount with an empty cache dir and drop the page cache."""
+        """Empty every cache: (re)mount self.bucket with an empty cache dir and drop the page
+        cache.  Every workload starts from here."""
         self.unmount()
         self.clear_cache()
         if not drop_page_cache():
             self.ctx.args._warn_dropcache = True
         self.mount()
 
-    def alive(self) -> bool:
-        return not self.is_mount or (self.proc is not None and self.proc.poll() is None
-                                     and in_mount_table(self.mnt))
-
-    def cpu(self) -> float | None:
-        if self.proc is None:
-            return None
-        return proc_tree_cpu(self.proc.pid)
+    def cpu(self) -> tuple[float, float]:
+        """(user + system, system) seconds of this system's client side so far."""
+        return self.meter.read(self.proc.pid if self.proc is not None else None)
 
     def path(self, rel: str) -> Path:
         return self.mnt / rel
@@ -570,7 +662,14 @@ class S3ssefsRandomAhead(S3ssefs):
 
 class S3fs(System):
     """Debian s3fs-fuse.  Key file: one key per line; a line longer than 32 chars is taken as
-    base64 (s3fs PushbackSseKeys), so we write the base64 of the 32 random bytes."""
+    base64 (s3fs PushbackSseKeys), so we write the base64 of the 32 random bytes.
+
+    ``kernel_cache`` (its documented option for keeping the page cache across opens) is on:
+    without it a warm re-read goes back to S3, and each peer gets its best documented options.
+    s3fs 1.90 sends every HEAD first without the SSE-C headers and, on RGW's 400, again with
+    the first key of the key file: its log shows one "failed a request(400 ...)" per file it
+    stats, and its ls -l pays two HEADs per file.  That is how s3fs works, not a setup
+    error."""
 
     name = "s3fs"
     extra: tuple[str, ...] = ()
@@ -589,7 +688,7 @@ class S3fs(System):
     def command(self):
         opts = [f"url={self.ctx.endpoint}", "use_path_request_style",
                 f"passwd_file={self.passwd}", f"use_sse=custom:{self.keyfile}",
-                "dbglevel=warn", *self.extra, *self.ctx.args.s3fs_opt]
+                "kernel_cache", "dbglevel=warn", *self.extra, *self.ctx.args.s3fs_opt]
         cmd = ["s3fs", self.bucket, str(self.mnt), "-f", "-o", ",".join(opts)]
         env = {k: v for k, v in self.ctx.env.items() if not k.startswith("AWS_")}
         env["CURL_CA_BUNDLE"] = self.ctx.ca  # s3fs reads it and sets CURLOPT_CAINFO
@@ -597,8 +696,12 @@ class S3fs(System):
 
 
 class S3fsNoMultipart(S3fs):
+    """nomultipart: s3fs 1.90's multipart upload of a new file is stored without SSE-C on
+    Ceph 16; a single PUT is encrypted.  Only the big write (the others are s3fs's)."""
+
     name = "s3fs-nomp"
     extra = ("nomultipart",)
+    workloads = ("write",)
 
 
 class S3fsNoCopyApi(S3fs):
@@ -608,6 +711,7 @@ class S3fsNoCopyApi(S3fs):
 
     name = "s3fs-nocopy"
     extra = ("nocopyapi",)
+    workloads = ("write", "rename")
 
 
 class S3fsCache(S3fs):
@@ -646,8 +750,12 @@ class Rclone(System):
 
 
 class RcloneWrites(Rclone):
+    """rclone's mode for writing; for reading, rclone-full is its best documented option (a
+    random read of rclone-writes takes ~30 ms, 2,000 of them a minute), so only the writes."""
+
     name = "rclone-writes"
     mode = "writes"
+    workloads = ("write", "small", "rename")
 
 
 class RcloneFull(Rclone):
@@ -656,23 +764,40 @@ class RcloneFull(Rclone):
 
 
 class Boto3(System):
-    """Direct boto3, no mount: the client-side limit.  Workloads run in a worker subprocess."""
+    """Direct boto3, no mount: parallel ranged GETs and multipart PUTs of one process.
+    Workloads run in a worker subprocess.  No cache, so no warm workloads."""
 
     name = "boto3"
     is_mount = False
+    workloads = ("write", "read-cold", "rand-cold", "small", "ls", "rename", "par-read")
+    flag = "--boto3-worker"
 
     threads: int | None = None  # None: --boto3-threads
+    self_cpu: float | None = None  # the last worker's own rusage of its timed part
 
     def worker(self, op: str, **kw) -> dict:
         spec = {"op": op, "bucket": self.bucket, "endpoint": self.ctx.endpoint, "ca": self.ctx.ca,
                 "key_b64": self.ctx.key_b64,
                 "threads": self.threads or self.ctx.args.boto3_threads,
-                "part": self.ctx.args.boto3_part, **kw}
-        p = subprocess.run([sys.executable, __file__, "--boto3-worker"], input=json.dumps(spec),
+                "part": self.ctx.args.boto3_part, "cgroup": self.meter.procs_file, **kw}
+        p = subprocess.run([sys.executable, __file__, self.flag], input=json.dumps(spec),
                            capture_output=True, text=True, env=self.ctx.env, timeout=3600)
         if p.returncode != 0:
-            raise RuntimeError(f"boto3 worker {op} failed:\n{p.stderr[-2000:]}")
-        return json.loads(p.stdout)
+            raise RuntimeError(f"{self.name} worker {op} failed:\n{p.stderr[-2000:]}")
+        out = json.loads(p.stdout)
+        self.self_cpu = out.get("cpu")
+        return out
+
+
+class Crt(Boto3):
+    """The AWS CRT S3 client (awscrt, native C; the client mountpoint-s3 is built on): one
+    object written with its auto-split multipart PUT and read with its auto-ranged GET, its
+    own part size and concurrency.  The strongest client-side baseline of the big-file
+    workloads."""
+
+    name = "crt"
+    workloads = ("write", "read-cold", "par-read")
+    flag = "--crt-worker"
 
 
 class Boto3Serial(Boto3):
@@ -686,9 +811,11 @@ class Boto3Serial(Boto3):
 
 SYSTEMS = {c.name: c for c in (S3ssefs, S3ssefsReadOnce, S3ssefsRandomAhead, S3fs,
                                S3fsNoCopyApi, S3fsNoMultipart, S3fsCache, RcloneWrites,
-                               RcloneFull, Boto3, Boto3Serial)}
-DEFAULT_SYSTEMS = ("s3ssefs,s3ssefs-once,s3ssefs-ahead,s3fs,s3fs-nocopy,s3fs-nomp,"
-                   "rclone-writes,rclone-full,boto3,boto3-serial")
+                               RcloneFull, Boto3, Crt, Boto3Serial)}
+# s3ssefs-once, s3ssefs-ahead and s3fs-cache on request (--systems): they keep a full run of
+# the default size and --runs within ~40 minutes
+DEFAULT_SYSTEMS = ("s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,boto3,crt,"
+                   "boto3-serial")
 
 
 # --------------------------------------------------------------------------------- fio
@@ -746,10 +873,9 @@ class Metric:
 
 
 class Measure:
-    """Collects one run's metrics of one system."""
+    """Collects one round's metrics of one system."""
 
-    def __init__(self, sysm: System) -> None:
-        self.sys = sysm
+    def __init__(self) -> None:
         self.values: dict[str, float] = {}
         self.cpu: dict[str, tuple[float, float | None]] = {}  # workload -> (cpu s, GiB or None)
         self.enc: dict[str, str] = {}
@@ -786,40 +912,29 @@ WORKLOADS = ["write", "read-cold", "read-warm", "rand-cold", "rand-warm", "small
              "rename", "par-read"]
 
 
+# the workloads that read the shared objects of the read bucket; the others write, each into a
+# fresh bucket of its own
+READ_WORKLOADS = ("read-cold", "read-warm", "rand-cold", "rand-warm", "ls", "par-read")
+
+
 class Runner:
+    """One workload of one system in one round.  The system is already mounted cold on its
+    bucket (the read bucket, or a fresh one for a write workload)."""
+
     def __init__(self, ctx: Ctx, sysm: System, m: Measure) -> None:
         self.ctx, self.sys, self.m = ctx, sysm, m
         self.s3 = ctx.s3
-        self.have_big = False
-        self.have_small = False
-        self.did_seq_read = False
-        self.did_rand = False
 
-    # -- cpu bracket
     @contextlib.contextmanager
     def cpu_of(self, workload: str, gib: float | None):
-        c0 = self.sys.cpu()
-        box: dict = {}
-        yield box
-        if "cpu" in box:  # boto3 worker reports its own
-            self.m.cpu[workload] = (box["cpu"], gib)
-            return
-        c1 = self.sys.cpu()
-        if c0 is not None and c1 is not None:
-            self.m.cpu[workload] = (c1 - c0, gib)
-
-    def ensure_big(self) -> None:
-        if not self.have_big:
-            log(f"  seeding {BIG} ({fmt_size(self.ctx.size)}) with boto3")
-            self.s3.seed(self.sys.bucket, BIG, self.ctx.size)
-            self.have_big = True
-
-    def ensure_small(self) -> None:
-        if not self.have_small:
-            log(f"  seeding {self.ctx.small_n} small files with boto3")
-            self.s3.seed_many(self.sys.bucket, [f"{SMALL_DIR}/f{i:05d}"
-                                                for i in range(self.ctx.small_n)], 4096)
-            self.have_small = True
+        """CPU of this system's client side over the block (see CpuMeter)."""
+        c0, s0 = self.sys.cpu()
+        yield
+        c1, s1 = self.sys.cpu()
+        self.m.cpu[workload] = (c1 - c0, gib)
+        self.m.extra[f"{workload}_cpu_system_s"] = round(s1 - s0, 4)
+        if not self.sys.is_mount:  # a cross-check: the worker's own rusage of its timed part
+            self.m.extra[f"{workload}_worker_rusage_s"] = getattr(self.sys, "self_cpu", None)
 
     def check_enc(self, what: str, key: str) -> None:
         st = self.s3.encryption(self.sys.bucket, key)
@@ -830,7 +945,7 @@ class Runner:
     # -- workloads
     def w_write(self) -> None:
         ctx, b, size = self.ctx, self.sys.bucket, self.ctx.size
-        with self.cpu_of("write", size / GiB) as box:
+        with self.cpu_of("write", size / GiB):
             t0 = time.monotonic()
             if self.sys.is_mount:
                 self.sys.fsop(op="mkdir", path=str(self.sys.path("bench")))
@@ -844,52 +959,42 @@ class Runner:
                                            ctx.args.timeout)
             else:
                 r = self.sys.worker("put_big", key=BIG, size=size)
-                box["cpu"] = r["cpu"]
                 t_close = t_dur = t0 + r["wall"]
-        self.have_big = True
         self.m.values["write_close"] = size / MiB / (t_close - t0)
         self.m.values["write_durable"] = size / MiB / (t_dur - t0)
         self.check_enc("big file", BIG)
 
     def w_read_cold(self) -> None:
-        self.ensure_big()
-        self.sys.cold()
         self._seq_read("read_cold")
 
     def w_read_warm(self) -> None:
-        self.ensure_big()
-        if not self.did_seq_read:
-            self._seq_read(None)
+        self._seq_read(None)  # fills the caches, untimed
         self._seq_read("read_warm")
 
     def _seq_read(self, metric: str | None) -> None:
         size = self.ctx.size
-        with self.cpu_of((metric or "_").replace("_", "-"), size / GiB) as box:
+        with (self.cpu_of(metric.replace("_", "-"), size / GiB) if metric
+              else contextlib.nullcontext()):
             if self.sys.is_mount:
                 wall, _ = fio(self.sys, ["--name=read", "--rw=read", "--bs=1M", f"--size={size}",
                                          "--readonly", f"--filename={self.sys.path(BIG)}",
                                          *FIO_COMMON])
             else:
-                r = self.sys.worker("get_big", key=BIG, size=size)
-                box["cpu"], wall = r["cpu"], r["wall"]
-        self.did_seq_read = True
+                wall = self.sys.worker("get_big", key=BIG, size=size)["wall"]
         if metric:
             self.m.values[metric] = size / MiB / wall
 
     def w_rand_cold(self) -> None:
-        self.ensure_big()
-        self.sys.cold()
         self._rand("rand_cold")
 
     def w_rand_warm(self) -> None:
-        self.ensure_big()
-        if not self.did_rand:
-            self._rand(None)
+        self._rand(None)  # the same offsets, untimed
         self._rand("rand_warm")
 
     def _rand(self, metric: str | None) -> None:
         n, size = self.ctx.rand_n, self.ctx.size
-        with self.cpu_of((metric or "_").replace("_", "-"), None) as box:
+        with (self.cpu_of(metric.replace("_", "-"), None) if metric
+              else contextlib.nullcontext()):
             if self.sys.is_mount:
                 wall, out = fio(self.sys, [
                     "--name=rand", "--rw=randread", "--bs=4k", f"--size={size}",
@@ -900,16 +1005,15 @@ class Runner:
                 self.m.extra[f"{metric or 'warmup'}_fio_iops"] = sum(j["read"]["iops"]
                                                          for j in out.get("jobs", []))
             else:
-                r = self.sys.worker("rand", key=BIG, size=size, n=n, seed=20261123)
-                box["cpu"], wall, ios = r["cpu"], r["wall"], n
-        self.did_rand = True
+                wall = self.sys.worker("rand", key=BIG, size=size, n=n, seed=20261123)["wall"]
+                ios = n
         if metric:
             self.m.values[metric] = ios / wall
 
     def w_small(self) -> None:
         ctx, b, n = self.ctx, self.sys.bucket, self.ctx.small_n
         data = os.urandom(4096)
-        with self.cpu_of("small", None) as box:
+        with self.cpu_of("small", None):
             t0 = time.monotonic()
             if self.sys.is_mount:
                 self.sys.fsop(op="mkdir", path=str(self.sys.path(SMALL_DIR)))
@@ -923,33 +1027,31 @@ class Runner:
                                            if v == 4096 and k != pre) >= n, ctx.args.timeout)
             else:
                 r = self.sys.worker("put_small", prefix=SMALL_DIR + "/f", n=n)
-                box["cpu"] = r["cpu"]
                 t_close = t_dur = t0 + r["wall"]
-        self.have_small = True
         self.m.values["small_close"] = t_close - t0
         self.m.values["small_durable"] = t_dur - t0
         self.check_enc("small file", f"{SMALL_DIR}/f{n - 1:05d}")
 
     def w_ls(self) -> None:
-        self.ensure_small()
-        self.sys.cold()
-        with self.cpu_of("ls", None) as box:
+        with self.cpu_of("ls", None):
             if self.sys.is_mount:
                 wall, out = self.sys.run(["ls", "-l", str(self.sys.path(SMALL_DIR))])
                 got = sum(1 for ln in out.splitlines() if ln.startswith("-"))
             else:
                 r = self.sys.worker("list", prefix=SMALL_DIR + "/")
-                box["cpu"], wall, got = r["cpu"], r["wall"], r["count"]
+                wall, got = r["wall"], r["count"]
         if got != self.ctx.small_n:
             raise RuntimeError(f"ls -l showed {got} files, expected {self.ctx.small_n}")
         self.m.values["ls_cold"] = wall
 
+    def before_rename(self) -> None:
+        """Seeded before the mount, so that no system has seen the directory yet."""
+        log(f"  seeding {REN_SRC} ({fmt_size(self.ctx.rename_size)}) with boto3")
+        self.s3.seed(self.sys.bucket, REN_SRC, self.ctx.rename_size)
+
     def w_rename(self) -> None:
         ctx, b, size = self.ctx, self.sys.bucket, self.ctx.rename_size
-        log(f"  seeding {REN_SRC} ({fmt_size(size)}) with boto3")
-        self.s3.seed(b, REN_SRC, size)
-        self.sys.cold()
-        with self.cpu_of("rename", None) as box:
+        with self.cpu_of("rename", None):
             t0 = time.monotonic()
             if self.sys.is_mount:
                 r = self.sys.fsop(op="rename", src=str(self.sys.path(REN_SRC)),
@@ -961,7 +1063,6 @@ class Runner:
                     lambda ls: ls.get(REN_DST) == size and REN_SRC not in ls, ctx.args.timeout)
             else:
                 r = self.sys.worker("rename", src=REN_SRC, dst=REN_DST, size=size)
-                box["cpu"] = r["cpu"]
                 t_ret = t_dur = t0 + r["wall"]
         self.m.values["rename_return"] = t_ret - t0
         self.m.values["rename_durable"] = t_dur - t0
@@ -969,11 +1070,8 @@ class Runner:
 
     def w_par_read(self) -> None:
         n, size = self.ctx.par_n, self.ctx.par_size
-        keys = [f"{PAR_DIR}/r{i}.bin" for i in range(n)]
-        log(f"  seeding {n} x {fmt_size(size)} with boto3")
-        self.s3.seed_many(self.sys.bucket, keys, size)
-        self.sys.cold()
-        with self.cpu_of("par-read", n * size / GiB) as box:
+        keys = par_keys(self.ctx)
+        with self.cpu_of("par-read", n * size / GiB):
             if self.sys.is_mount:
                 job = "[global]\nrw=read\nbs=1M\nioengine=psync\nthread\n" \
                       f"invalidate=0\nsize={size}\n"
@@ -981,9 +1079,27 @@ class Runner:
                     job += f"[r{i}]\nfilename={self.sys.path(k)}\n"
                 wall, _ = fio(self.sys, ["--readonly"], jobfile=job)
             else:
-                r = self.sys.worker("par_get", keys=keys, size=size)
-                box["cpu"], wall = r["cpu"], r["wall"]
+                wall = self.sys.worker("par_get", keys=keys, size=size)["wall"]
         self.m.values["par_read"] = n * size / MiB / wall
+
+
+def par_keys(ctx: Ctx) -> list[str]:
+    return [f"{PAR_DIR}/r{i}.bin" for i in range(ctx.par_n)]
+
+
+def seed_read_bucket(ctx: Ctx, workloads: list[str]) -> None:
+    """The objects of the read workloads, written once by boto3 (see S3.seed) into one bucket
+    every system reads: the same bytes, parts and metadata for all."""
+    b = ctx.read_bucket
+    ctx.s3.create_bucket(b)
+    t0 = time.monotonic()
+    if {"read-cold", "read-warm", "rand-cold", "rand-warm"} & set(workloads):
+        ctx.s3.seed(b, BIG, ctx.size)
+    if "ls" in workloads:
+        ctx.s3.seed_many(b, [f"{SMALL_DIR}/f{i:05d}" for i in range(ctx.small_n)], 4096)
+    if "par-read" in workloads:
+        ctx.s3.seed_many(b, par_keys(ctx), ctx.par_size)
+    log(f"read bucket {b} seeded by boto3 in {time.monotonic() - t0:.1f} s")
 
 
 # --------------------------------------------------------------------------------- fs worker
@@ -1039,6 +1155,7 @@ def boto3_worker() -> None:
             "mtime": str(int(time.time()))}
     buf = os.urandom(part)  # reused for every part / file, as fio reuses its buffer
     out: dict = {}
+    join_cgroup(spec)
 
     def cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
@@ -1132,60 +1249,162 @@ def boto3_worker() -> None:
     print(json.dumps(out))
 
 
+def join_cgroup(spec: dict) -> None:
+    """A worker, loaded and with its client made, moves itself (all its threads) into its
+    system's cgroup: from here on its CPU is counted (see CpuMeter)."""
+    if spec.get("cgroup"):
+        with open(spec["cgroup"], "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class RepeatStream(io.RawIOBase):
+    """`size` bytes made of one buffer repeated: a request body that costs no memory."""
+
+    def __init__(self, buf: bytes, size: int) -> None:
+        self.buf, self.size, self.pos = memoryview(buf), size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, min(self.size, base + offset))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        mv = memoryview(b).cast("B")
+        n = min(len(mv), self.size - self.pos)
+        done = 0
+        while done < n:
+            off = (self.pos + done) % len(self.buf)
+            k = min(n - done, len(self.buf) - off)
+            mv[done:done + k] = self.buf[off:off + k]
+            done += k
+        self.pos += n
+        return n
+
+
+def crt_worker() -> None:
+    """Subprocess: one workload with the AWS CRT S3 client (awscrt.s3.S3Client.make_request:
+    PUT_OBJECT splits into a parallel multipart upload, GET_OBJECT into parallel ranged GETs,
+    both with the client's own part size and concurrency), the three SSE-C headers on every
+    request; prints wall and CPU."""
+    import hashlib
+    from urllib.parse import urlsplit
+
+    from awscrt import auth, http, s3
+    from awscrt import io as crtio
+
+    spec = json.loads(sys.stdin.read())
+    url = urlsplit(spec["endpoint"])
+    key = base64.b64decode(spec["key_b64"])
+    sse = [("x-amz-server-side-encryption-customer-algorithm", "AES256"),
+           ("x-amz-server-side-encryption-customer-key", spec["key_b64"]),
+           ("x-amz-server-side-encryption-customer-key-md5",
+            base64.b64encode(hashlib.md5(key).digest()).decode())]
+    elg = crtio.EventLoopGroup()
+    boot = crtio.ClientBootstrap(elg, crtio.DefaultHostResolver(elg))
+    topt = crtio.TlsContextOptions()
+    topt.override_default_trust_store_from_path(ca_filepath=spec["ca"])
+    tls = crtio.ClientTlsContext(topt).new_connection_options()
+    tls.set_server_name(url.hostname or "")
+    client = s3.S3Client(bootstrap=boot, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                         credential_provider=auth.AwsCredentialsProvider.new_environment(),
+                         tls_mode=s3.S3RequestTlsMode.ENABLED, tls_connection_options=tls)
+    b, op = spec["bucket"], spec["op"]
+    meta = [("x-amz-meta-mode", str(0o100644)), ("x-amz-meta-uid", str(os.getuid())),
+            ("x-amz-meta-gid", str(os.getgid())), ("x-amz-meta-mtime", str(int(time.time())))]
+
+    def request(method: str, k: str, extra=(), body=None) -> http.HttpRequest:
+        headers = http.HttpHeaders([("Host", url.netloc), *sse, *extra])
+        return http.HttpRequest(method, f"/{b}/{k}", headers, body)
+
+    def get(k: str):
+        got = [0]
+
+        def on_body(chunk, offset, **kw) -> None:
+            got[0] += len(chunk)
+
+        mr = client.make_request(type=s3.S3RequestType.GET_OBJECT, request=request("GET", k),
+                                 on_body=on_body)
+        return mr, got
+
+    join_cgroup(spec)
+    c0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    if op == "put_big":
+        size = spec["size"]
+        body = RepeatStream(os.urandom(8 * MiB), size)
+        req = request("PUT", spec["key"], [("Content-Length", str(size)), *meta], body)
+        client.make_request(type=s3.S3RequestType.PUT_OBJECT, request=req).finished_future \
+            .result(3600)
+    elif op in ("get_big", "par_get"):
+        keys = spec["keys"] if op == "par_get" else [spec["key"]]
+        reqs = [get(k) for k in keys]
+        for mr, _ in reqs:
+            mr.finished_future.result(3600)
+        got = sum(g[0] for _, g in reqs)
+        assert got == spec["size"] * len(keys), (got, spec["size"], len(keys))
+    else:
+        raise SystemExit(f"crt worker: no op {op}")
+    wall = time.monotonic() - t0
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"wall": wall, "cpu": c1.ru_utime + c1.ru_stime - c0.ru_utime
+                      - c0.ru_stime}))
+
+
 # --------------------------------------------------------------------------------- main loop
-def run_system(ctx: Ctx, cls, run: int, workloads: list[str], out: list[Measure]) -> None:
-    """One run of one system; its Measure is appended to out first (kept if interrupted)."""
+def run_workload(ctx: Ctx, cls, rnd: int, w: str, m: Measure) -> None:
+    """One workload of one system in round rnd: cold mount on its bucket (the read bucket, or a
+    fresh one it writes into and that is deleted afterwards), the workload, unmount."""
     if cls.name not in ctx.systems:
         ctx.systems[cls.name] = cls(ctx)
     sysm: System = ctx.systems[cls.name]
-    m = Measure(sysm)
-    out.append(m)
-    bucket = f"bench-{ctx.runid}-{sysm.name}-r{run}"
-    sysm.bucket = bucket
-    log(f"run {run} {sysm.name}: bucket {bucket}")
-    try:
-        ctx.s3.create_bucket(bucket)
-    except Exception as e:
-        m.errors.append(f"create bucket {bucket}: {type(e).__name__}: {e}")
-        log(f"  FAILED: cannot create bucket: {e}")
-        return
     r = Runner(ctx, sysm, m)
+    own = w not in READ_WORKLOADS
+    sysm.bucket = (f"bench-{ctx.runid}-{sysm.name}-r{rnd}-{w}" if own else ctx.read_bucket)
+    t = time.monotonic()
     try:
+        if own:
+            ctx.s3.create_bucket(sysm.bucket)
+            if hasattr(r, "before_" + w):
+                getattr(r, "before_" + w)()
         try:
-            sysm.mount()
+            sysm.cold()
         except MountError as e:
-            m.errors.append(str(e))
-            log(f"  FAILED: {e}")
+            m.errors.append(f"{w}: {e}")
+            log(f"  {sysm.name} {w}: mount FAILED: {e}")
             return
-        for w in workloads:
-            if sysm.workloads is not None and w not in sysm.workloads:
-                continue
-            if not sysm.alive():
-                m.errors.append(f"{w}: mount is gone (log {sysm.logf}):\n{tail(sysm.logf)}")
-                log(f"  {w}: mount is gone, skipping the rest")
-                break
-            t = time.monotonic()
-            before = set(m.values)
-            try:
-                getattr(r, "w_" + w.replace("-", "_"))()
-                shown = {k: round(v, 2) for k, v in m.values.items() if k not in before}
-                log(f"  {w} done in {time.monotonic() - t:.1f} s  {shown}")
-            except MountError as e:
-                m.errors.append(f"{w}: {e}")
-                log(f"  {w}: remount FAILED: {e}")
-                break
-            except Exception as e:
-                why = f"{w}: {type(e).__name__}: {e}"
-                if sysm.is_mount:
-                    why += f"\n  last lines of {sysm.logf}:\n{tail(sysm.logf, 4)}"
-                m.errors.append(why)
-                log(f"  ERROR {why}")
-                if ctx.args.verbose:
-                    traceback.print_exc()
+        before = set(m.values)
+        getattr(r, "w_" + w.replace("-", "_"))()
+        shown = {k: round(v, 2) for k, v in m.values.items() if k not in before}
+        log(f"  {sysm.name:<13} {w} in {time.monotonic() - t:.1f} s  {shown}")
+    except MountError as e:
+        m.errors.append(f"{w}: {e}")
+        log(f"  {sysm.name} {w}: mount FAILED: {e}")
+    except Exception as e:
+        why = f"{w}: {type(e).__name__}: {e}"
+        if sysm.is_mount:
+            why += f"\n  last lines of {sysm.logf}:\n{tail(sysm.logf, 4)}"
+        m.errors.append(why)
+        log(f"  ERROR {sysm.name} {why}")
+        if ctx.args.verbose:
+            traceback.print_exc()
     finally:
         sysm.unmount()
-        if not ctx.args.keep:
-            ctx.s3.delete_bucket(bucket)
+        if own and not ctx.args.keep:
+            ctx.s3.delete_bucket(sysm.bucket)
+
+
+def rotated(names: list[str], rnd: int) -> list[str]:
+    k = (rnd - 1) % len(names) if names else 0
+    return names[k:] + names[:k]
 
 
 def summarize(ctx: Ctx, names: list[str], per: dict[str, list[Measure]]) -> dict:
@@ -1194,49 +1413,55 @@ def summarize(ctx: Ctx, names: list[str], per: dict[str, list[Measure]]) -> dict
         ms = per[name]
         d: dict = {"metrics": {}, "cpu": {}, "encryption": {}, "errors": [], "runs": len(ms)}
         for met in metrics(ctx):
-            vals = [m.values[met.key] for m in ms if met.key in m.values]
+            rounds = [m.values.get(met.key) for m in ms]  # ms[i] is round i + 1
+            vals = [v for v in rounds if v is not None]
             if vals:
-                d["metrics"][met.key] = {"unit": met.unit, "values": vals,
+                d["metrics"][met.key] = {"unit": met.unit, "rounds": rounds, "values": vals,
                                          "median": statistics.median(vals),
                                          "min": min(vals), "max": max(vals)}
         wls = sorted({w for m in ms for w in m.cpu if not w.startswith("_")},
                      key=lambda w: WORKLOADS.index(w) if w in WORKLOADS else 99)
         for w in wls:
-            vals = []
+            rounds: list[float | None] = []
             unit = "s"
             for m in ms:
                 if w in m.cpu:
                     c, gib = m.cpu[w]
-                    vals.append(c / gib if gib else c)
+                    rounds.append(c / gib if gib else c)
                     unit = "s/GiB" if gib else "s"
-            d["cpu"][w] = {"unit": unit, "values": vals, "median": statistics.median(vals),
-                           "min": min(vals), "max": max(vals)}
+                else:
+                    rounds.append(None)
+            vals = [v for v in rounds if v is not None]
+            d["cpu"][w] = {"unit": unit, "rounds": rounds, "values": vals,
+                           "median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         for m in ms:
             for what, st in m.enc.items():
                 prev = d["encryption"].get(what)
                 if prev is None or (st != "sse-c" and prev == "sse-c"):
                     d["encryption"][what] = st
         for i, m in enumerate(ms):
-            d["errors"].extend(f"run {i + 1}: {e}" for e in m.errors)
+            d["errors"].extend(f"round {i + 1}: {e}" for e in m.errors)
         d["extra"] = [m.extra for m in ms]
         res["systems"][name] = d
-    base = ctx.args.ratio_base
+    return res
+
+
+def add_ratios(res: dict, base: str) -> None:
+    """Paired ratios of base to every other system (summary.paired), per round and median."""
     res["ratio_base"] = base
     res["ratios"] = {}
-    if base in res["systems"]:
-        bm = res["systems"][base]["metrics"]
-        hb = {m.key: m.higher_better for m in metrics(ctx)}
-        for name in names:
-            if name == base:
-                continue
-            om = res["systems"][name]["metrics"]
-            rr = {}
-            for k in bm:
-                if k in om and om[k]["median"] > 0 and bm[k]["median"] > 0:
-                    a, o = bm[k]["median"], om[k]["median"]
-                    rr[k] = a / o if hb[k] else o / a
-            res["ratios"][name] = rr
-    return res
+    if base not in res["systems"]:
+        return
+    for name in res["systems"]:
+        if name == base:
+            continue
+        rr = {}
+        for k in res["systems"][base]["metrics"]:
+            per_round = summary.paired(res, base, name, k)
+            med, n = summary.paired_median(per_round)
+            if med is not None:
+                rr[k] = {"rounds": per_round, "median": med, "n": n}
+        res["ratios"][name] = rr
 
 
 def fmt_val(v: float) -> str:
@@ -1304,7 +1529,7 @@ def report(ctx: Ctx, names: list[str], res: dict) -> None:
     print_table(rows, ["workload", "unit", *names])
 
     print()
-    print("client CPU of each system (mount process tree from /proc; boto3: worker rusage)")
+    print(f"client CPU of each system: {summary.CPU_METHODS[res['meta']['cpu_method']]}")
     cpu_rows = []
     for w in WORKLOADS:
         if not any(w in S[n]["cpu"] for n in names):
@@ -1315,19 +1540,25 @@ def report(ctx: Ctx, names: list[str], res: dict) -> None:
         print_table(cpu_rows, ["workload", "unit", *names])
 
     base = res["ratio_base"]
-    others = [n for n in names if n != base]
-    if base in S and others and any(res["ratios"].get(n) for n in others):
+    if base in S and any(res["ratios"].get(n) for n in names if n != base):
         print()
-        print(f"ratio {base} / system, on medians (>1: {base} faster; times are inverted)")
+        print(f"paired ratios {base} / system: median over rounds of the two runs of the same "
+              f"round (>1: {base} better; times inverted), then each round's ratio")
         rr = []
         for met in metrics(ctx):
-            if met.key not in S[base]["metrics"]:
-                continue
-            unit = "x" if met.higher_better else "x (time inverted)"
-            rr.append([met.label, unit, *[f"{res['ratios'][n][met.key]:.2f}"
-                                          if met.key in res["ratios"].get(n, {}) else "-"
-                                          for n in others]])
-        print_table(rr, ["workload", "ratio", *others])
+            for n in names:
+                got = res["ratios"].get(n, {}).get(met.key)
+                if n == base or not got:
+                    continue
+                rounds = " ".join("-" if x is None else f"{x:.2f}" for x in got["rounds"])
+                rr.append([met.label, n, f"{got['median']:.2f}", str(got["n"]), rounds])
+        print_table(rr, ["workload", "vs", "median", "rounds", "per round"])
+        short = min(v["n"] for d in res["ratios"].values() for v in d.values())
+        if short < summary.MIN_ROUNDS:
+            print(f"only {short} paired round(s) in some rows: fewer than {summary.MIN_ROUNDS}, "
+                  "so figures, not a verdict")
+        print()
+        print(summary.markdown(res, base))
     elif base in S:
         print(f"\n(no ratios: {base} produced no figures)")
 
@@ -1356,6 +1587,9 @@ def versions(ctx: Ctx) -> dict[str, str]:
             out[name] = f"? ({e})"
     import boto3
     out["boto3"] = boto3.__version__
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+        out["awscrt"] = version("awscrt")
     out["python"] = sys.version.split()[0]
     with contextlib.suppress(Exception):
         out["s3ssefs_git"] = subprocess.run(["git", "-C", str(REPO), "describe", "--always",
@@ -1365,9 +1599,12 @@ def versions(ctx: Ctx) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and "--boto3-worker" in sys.argv[1:]:
-        boto3_worker()
-        return 0
+    if argv is None and ("--boto3-worker" in sys.argv[1:] or "--crt-worker" in sys.argv[1:]):
+        (boto3_worker if "--boto3-worker" in sys.argv[1:] else crt_worker)()
+        # no interpreter teardown: it would count in the worker's cgroup, as a daemon's
+        # shutdown does not in its own
+        sys.stdout.flush()
+        os._exit(0)
     if argv is None and "--fs-worker" in sys.argv[1:]:
         return fs_worker_main()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1377,7 +1614,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
     ap.add_argument("--size", default="1G", help="big file size (default 1G)")
-    ap.add_argument("--runs", type=int, default=3, help="runs per system, interleaved")
+    ap.add_argument("--runs", type=int, default=summary.MIN_ROUNDS,
+                    help=f"rounds (default {summary.MIN_ROUNDS}, the fewest that give a verdict)")
     ap.add_argument("--json", metavar="FILE", help="write results as JSON here")
     ap.add_argument("--par-size", help="size of each parallel-reader file (default size/8)")
     ap.add_argument("--par-n", type=int, default=8, help="parallel readers (default 8)")
@@ -1421,7 +1659,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
-    workloads = [w for w in WORKLOADS if w in workloads]  # dependency order
+    workloads = [w for w in WORKLOADS if w in workloads]  # the order of WORKLOADS
     if os.geteuid() != 0:
         log("WARNING: not root: FUSE mounts may work, drop_caches will not")
     for tool in ("fio", "fusermount3") + (("s3fs",) if any(n.startswith("s3fs") for n in names)
@@ -1448,6 +1686,12 @@ def main(argv: list[str] | None = None) -> int:
                            else max(MiB, size * 100 // 1024 // MiB * MiB)),
               small_n=args.small_n, rand_n=args.rand_n)
     ctx.s3 = S3(ctx)
+    ctx.read_bucket = f"bench-{ctx.runid}-read"
+    ctx.cg_parent = cgroup2_parent(ctx.runid)
+    cpu_method = "cgroup" if ctx.cg_parent else "proc"
+    if ctx.cg_parent is None:
+        log("WARNING: no writable cgroup v2 hierarchy: client CPU is the daemon's process tree "
+            "plus the workload processes (library workers with their start-up)")
     log(f"workdir {work}  runid {ctx.runid}  systems {names}  workloads {workloads}")
     log(f"sizes: big {fmt_size(size)}, par {ctx.par_n} x {fmt_size(ctx.par_size)}, "
         f"rename {fmt_size(ctx.rename_size)}, {ctx.small_n} small, {ctx.rand_n} rand")
@@ -1459,27 +1703,44 @@ def main(argv: list[str] | None = None) -> int:
     per: dict[str, list[Measure]] = {n: [] for n in names}
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     interrupted = False
-    log(f"warm-up: wrote and deleted {fmt_size(size)} in {ctx.s3.warm_up(size):.1f} s")
-    ctx.fio_start = fio_start_up(work)
-    log(f"fio starts and exits in {ctx.fio_start:.3f} s: taken off every fio time (the boto3 "
-        "worker's clock starts after its start-up)")
+    t_start = time.monotonic()
+    round_s: list[float] = []
     try:
-        for run in range(1, args.runs + 1):
-            order = names[(run - 1) % len(names):] + names[:(run - 1) % len(names)]
-            for n in order:
-                run_system(ctx, SYSTEMS[n], run, workloads, per[n])
+        log(f"warm-up: wrote and deleted {fmt_size(size)} in {ctx.s3.warm_up(size):.1f} s")
+        ctx.fio_start = fio_start_up(work)
+        log(f"fio starts and exits in {ctx.fio_start:.3f} s: taken off every fio time (the "
+            "library workers' clocks start after their start-up)")
+        seed_read_bucket(ctx, [w for w in workloads if w in READ_WORKLOADS])
+        for rnd in range(1, args.runs + 1):
+            t_round = time.monotonic()
+            log(f"round {rnd} of {args.runs}")
+            for n in names:
+                per[n].append(Measure())
+            for w in workloads:
+                for n in rotated([n for n in names if SYSTEMS[n].does(w)], rnd):
+                    run_workload(ctx, SYSTEMS[n], rnd, w, per[n][-1])
+            round_s.append(time.monotonic() - t_round)
+            left = statistics.mean(round_s) * (args.runs - rnd)
+            log(f"round {rnd} took {round_s[-1] / 60:.1f} min; ~{left / 60:.0f} min to go")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: cleaning up, reporting what was measured")
     finally:
         PROCS.cleanup()
         if not args.keep:
+            ctx.s3.delete_bucket(ctx.read_bucket)
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"kept {work} and the buckets bench-{ctx.runid}-*")
+        if ctx.cg_parent is not None:
+            remove_cgroups(ctx.cg_parent)
 
     res = summarize(ctx, names, per)
     res["meta"] = {"date": started, "endpoint": ctx.endpoint, "far": args.far,
+                   "command": "tests/bench/bench.py " + shlex.join(sys.argv[1:] if argv is None
+                                                                   else argv),
+                   "elapsed_s": round(time.monotonic() - t_start, 1), "round_s": round_s,
+                   "cpu_method": cpu_method, "read_bucket_writer": "boto3, 8 MiB parts",
                    "runs": args.runs, "fio_start_up_s": ctx.fio_start,
                    "interrupted": interrupted, "systems": names, "workloads": workloads,
                    "sizes": {"big": size, "par_size": ctx.par_size, "par_n": ctx.par_n,
@@ -1492,6 +1753,7 @@ def main(argv: list[str] | None = None) -> int:
                    "versions": versions(ctx), "cpus": os.cpu_count(),
                    "metrics": {m.key: {"label": m.label, "unit": m.unit,
                                        "higher_better": m.higher_better} for m in metrics(ctx)}}
+    add_ratios(res, args.ratio_base)
     report(ctx, names, res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
