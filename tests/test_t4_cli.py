@@ -579,7 +579,8 @@ def test_the_daemon_shows_no_key_and_writes_none_to_disk(mnt: Mounted, key: Key)
         return [p for p in mnt.cache_dir.rglob("*") if p.is_file()] + \
             [registry_path(mnt.path)]
 
-    def assert_no_key_on_disk() -> int:
+    def assert_no_key_on_disk() -> set[str]:
+        """Scans the files; the names of the directories that held some."""
         assert keyfile not in held_open(), "the daemon keeps the key file open"
         files = files_written()
         for f in files:
@@ -587,7 +588,7 @@ def test_the_daemon_shows_no_key_and_writes_none_to_disk(mnt: Mounted, key: Key)
                 data = f.read_bytes()
                 for form in key_forms(key.raw):
                     assert form not in data, f"key material in {f}"
-        return len(files)
+        return {p.parent.name for p in files}
 
     body = os.urandom(24 << 20)
     fd = os.open(mnt.path / "spilled.bin", os.O_CREAT | os.O_WRONLY, 0o644)
@@ -595,13 +596,14 @@ def test_the_daemon_shows_no_key_and_writes_none_to_disk(mnt: Mounted, key: Key)
         # written back to front, so its blocks leave memory for the spill, not for a part
         for off in range(len(body) - (1 << 20), -1, -(1 << 20)):
             os.pwrite(fd, body[off:off + (1 << 20)], off)
-        assert assert_no_key_on_disk() > 0
+        assert "spill" in assert_no_key_on_disk(), "nothing spilled: the scan saw no spill"
     finally:
         os.close(fd)
     mnt.remount()  # a cold block cache: the read below fills it
     pid = mnt.pid
     assert (mnt.path / "spilled.bin").read_bytes() == body
-    assert assert_no_key_on_disk() > 0
+    assert "blocks" in {p.name for p in mnt.cache_dir.rglob("*")}, "no block cache to scan"
+    assert_no_key_on_disk()
 
 
 def test_harden_process_makes_the_process_undumpable() -> None:
