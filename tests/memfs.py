@@ -134,6 +134,31 @@ class MemFs:
         e = await self.fs.getattr(await self.ino(path), CTX)
         return stat.S_ISREG(e.st_mode)
 
+    async def chmod(self, path: str, mode: int) -> None:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mode = mode
+        await self.fs.setattr(await self.ino(path), attr, setattr_fields(update_mode=True),
+                              None, CTX)
+
+    async def mode(self, path: str) -> int:
+        return stat.S_IMODE((await self.fs.getattr(await self.ino(path), CTX)).st_mode)
+
+    async def setxattr(self, path: str, name: bytes, value: bytes) -> None:
+        await self.fs.setxattr(await self.ino(path), name, value, CTX)
+
+    async def getxattr(self, path: str, name: bytes) -> bytes:
+        return await self.fs.getxattr(await self.ino(path), name, CTX)
+
+    async def removexattr(self, path: str, name: bytes) -> None:
+        await self.fs.removexattr(await self.ino(path), name, CTX)
+
+    async def user_xattrs(self, path: str) -> dict[bytes, bytes]:
+        """The user.* attributes a program can set, as listxattr and getxattr show them."""
+        ino = await self.ino(path)
+        names = [n for n in await self.fs.listxattr(ino, CTX)
+                 if not n.startswith(b"user.s3ssefs.")]
+        return {n: await self.fs.getxattr(ino, n, CTX) for n in names}
+
     async def rename(self, old: str, new: str, flags: int = 0) -> None:
         op, on = await self._parent(old)
         np, nn = await self._parent(new)

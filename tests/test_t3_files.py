@@ -372,3 +372,23 @@ async def test_an_object_stored_without_a_key_reads_back_on_either_server(
         await m.close(fh)
     assert store.objects["plain.bin"].data == b"new" + body[3:]
     assert store.objects["plain.bin"].sse_c_md5 == key.fingerprint
+
+
+async def test_chmod_and_xattrs_of_a_small_file_of_many_blocks_keep_all_its_bytes(
+        key: Key, tmp_path: Path) -> None:
+    """A closed file smaller than the size whose metadata change re-sends the bytes, but of
+    several blocks (any block_size below it): chmod and setxattr keep every byte, not the
+    first block's (found by test_t3_model)."""
+    store = MemStore()
+    body = data(5 * BS + 7)
+    async with memfs(store, key, tmp_path / "a") as m:
+        await m.put_file("small.bin", body)
+        await m.chmod("small.bin", 0o600)
+        assert store.objects["small.bin"].data == body
+        await m.setxattr("small.bin", b"user.tag", b"v")
+        assert store.objects["small.bin"].data == body
+        assert await m.whole("small.bin") == body
+    async with memfs(store, key, tmp_path / "b") as m:
+        assert await m.whole("small.bin") == body
+        assert await m.mode("small.bin") == 0o600
+        assert await m.user_xattrs("small.bin") == {b"user.tag": b"v"}

@@ -1314,3 +1314,22 @@ def test_a_file_read_again_unchanged_costs_no_request(mount_factory: Any, s3: An
     s3.put_object(Bucket=bucket, Key="again.bin", Body=body2, Metadata=meta, **sse(key))
     assert f.stat().st_mtime == 1700000000
     assert f.read_bytes() == body2
+
+
+def test_chmod_and_xattr_keep_every_byte_with_a_small_block_size(
+        mount_factory: Any, bucket: str, s3: Any, key: Key) -> None:
+    """With ``-o block_size=64K``, a closed 100 KB file (two blocks, small enough that a
+    metadata change sends its bytes again) keeps all of them through chmod and setxattr:
+    the rewrite used to send only the first block, cutting the object to 64 KiB."""
+    m = mount_factory(bucket, "-o", "block_size=64K")
+    body = os.urandom(100_000)
+    (m.path / "f.bin").write_bytes(body)
+    os.chmod(m.path / "f.bin", 0o600)
+    os.setxattr(m.path / "f.bin", "user.tag", b"v")
+    got = s3.get_object(Bucket=bucket, Key="f.bin", SSECustomerAlgorithm="AES256",
+                        SSECustomerKey=key.raw)["Body"].read()
+    assert len(got) == len(body) and sha(got) == sha(body)
+    m.remount()
+    assert (m.path / "f.bin").read_bytes() == body
+    assert stat.S_IMODE(os.stat(m.path / "f.bin").st_mode) == 0o600
+    assert os.getxattr(m.path / "f.bin", "user.tag") == b"v"
