@@ -41,6 +41,7 @@ from memstore import MemStore, Server
 T = TypeVar("T")
 NAMES = ["a", "b", "c", "d/x", "d/y", "e/x"]
 DIRS = ["d", "e"]
+XATTR_NAMES = [b"user.a", b"user.tag.b"]
 MAX_HANDLES = 4
 UPLOADS = ("put", "create_multipart", "upload_part", "complete_multipart", "copy",
            "upload_part_copy")
@@ -87,6 +88,8 @@ class Content:
     """What one file holds (shared by its name and its open handles)."""
 
     data: bytearray = field(default_factory=bytearray)
+    mode: int = 0o644
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
     dirty: bool = True  # changed since the bucket last had it
     pending: bool = False  # a close failed: the bucket may lag until a later upload
 
@@ -294,6 +297,46 @@ class FileLayer(RuleBasedStateMachine):
             return
         assert self.call(self.m.whole, name) == bytes(c.data)
 
+    # ------------------------------------------------------------------ metadata
+    @rule(name=st.sampled_from(NAMES), mode=st.integers(0o400, 0o777))
+    def chmod(self, name: str, mode: int) -> None:
+        c = self.names.get(name)
+        if c is None:
+            assert self._errno(self.m.chmod, name, mode) == errno.ENOENT
+            return
+        self.call(self.m.chmod, name, mode)
+        c.mode = mode
+        assert self.call(self.m.mode, name) == mode
+
+    @rule(name=st.sampled_from(NAMES), attr=st.sampled_from(XATTR_NAMES),
+          value=st.binary(max_size=24))
+    def setxattr(self, name: str, attr: bytes, value: bytes) -> None:
+        c = self.names.get(name)
+        if c is None:
+            assert self._errno(self.m.setxattr, name, attr, value) == errno.ENOENT
+            return
+        self.call(self.m.setxattr, name, attr, value)
+        c.xattrs[attr] = value
+
+    @rule(name=st.sampled_from(NAMES), attr=st.sampled_from(XATTR_NAMES))
+    def removexattr(self, name: str, attr: bytes) -> None:
+        c = self.names.get(name)
+        if c is None:
+            assert self._errno(self.m.removexattr, name, attr) == errno.ENOENT
+            return
+        got = self._errno(self.m.removexattr, name, attr)
+        if attr in c.xattrs:
+            assert got == 0, got
+            del c.xattrs[attr]
+        else:
+            assert got == pyfuse3.ENOATTR, got
+
+    @rule(name=st.sampled_from(NAMES))
+    def getxattrs(self, name: str) -> None:
+        c = self.names.get(name)
+        if c is not None:
+            assert self.call(self.m.user_xattrs, name) == c.xattrs
+
     # ------------------------------------------------------------------ names
     @rule(old=st.sampled_from(NAMES), new=st.sampled_from(NAMES))
     def rename(self, old: str, new: str) -> None:
@@ -385,6 +428,8 @@ class FileLayer(RuleBasedStateMachine):
         self.m = self._mount()
         for name, c in self.names.items():
             assert self.call(self.m.whole, name) == bytes(c.data)
+            assert self.call(self.m.mode, name) == c.mode
+            assert self.call(self.m.user_xattrs, name) == c.xattrs
 
     # ------------------------------------------------------------------ what always holds
     @invariant()
