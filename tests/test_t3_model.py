@@ -11,8 +11,9 @@ and the bucket holds no object the model does not.  This is how mountpoint-s3 ch
 file system against a reference model; hypothesis shrinks any failure to a short sequence of
 calls.
 
-Variants: with S3's minimum part size (AWS), and with uploads that fail at close (EIO, the
-data kept and sent by a later close, fsync or umount).
+Variants: with S3's minimum part size (AWS), with uploads that fail at close (EIO, the
+data kept and sent by a later close, fsync or umount), and with less memory for the blocks
+being written than one file alone would keep.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from memfs import BS, PS, MemFs
 from memstore import MemStore, Server
+
+from s3ssefs.files import WriteMemory
 
 T = TypeVar("T")
 NAMES = ["a", "b", "c", "d/x", "d/y", "e/x"]
@@ -101,6 +104,7 @@ def _bytes(n: int, seed: int) -> bytes:
 class FileLayer(RuleBasedStateMachine):
     server = Server()
     faults = False
+    write_memory: int | None = None  # blocks all open files may hold (None: the mount's)
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,7 +121,10 @@ class FileLayer(RuleBasedStateMachine):
 
     def _mount(self) -> MemFs:
         self.mounts += 1
-        return MemFs(self.store, self.key, self.tmp / f"mount{self.mounts}", self.loop.nursery)
+        m = MemFs(self.store, self.key, self.tmp / f"mount{self.mounts}", self.loop.nursery)
+        if self.write_memory is not None:  # before any file takes its share of it
+            m.ctx.write_memory = WriteMemory(self.write_memory)
+        return m
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return self.loop.run(fn, *args)
@@ -458,9 +465,18 @@ class FailingFileLayer(FileLayer):
     faults = True
 
 
+class TightFileLayer(FileLayer):
+    """Open files hold fewer blocks between them than one file alone would: writers give
+    up their oldest blocks to the spill, or to parts on their way."""
+
+    write_memory = 5
+
+
 TestFileLayer = FileLayer.TestCase
 TestFileLayer.settings = SETTINGS
 TestFileLayerOnAws = AwsFileLayer.TestCase
 TestFileLayerOnAws.settings = settings(SETTINGS, max_examples=25)
 TestFileLayerWithFailingUploads = pytest.mark.allow_warnings(FailingFileLayer.TestCase)
 TestFileLayerWithFailingUploads.settings = settings(SETTINGS, max_examples=40)
+TestFileLayerInTightMemory = TightFileLayer.TestCase
+TestFileLayerInTightMemory.settings = settings(SETTINGS, max_examples=30)
