@@ -60,11 +60,13 @@ class MemFs:
     """One 'mount' of a MemStore: a Filesystem with its key ring, caches and spill."""
 
     def __init__(self, store: MemStore, key: Key, state: Path, nursery: trio.Nursery,
-                 sizes: Sizes | None = None, **cfg: Any) -> None:
+                 sizes: Sizes | None = None, old_keys: tuple[Key, ...] = (), **cfg: Any,
+                 ) -> None:
         self.store = store
         self.sizes = sizes or Sizes()
         state.mkdir(parents=True, exist_ok=True)
-        kf = KeyFile({key.id: key}, key.id)
+        # ``key`` writes; ``old_keys`` (a rotation's earlier keys) still read
+        kf = KeyFile({k.id: k for k in (*old_keys, key)}, key.id)
         self.cfg = MountConfig(bucket=store.bucket, keyfile=state / "unused", **cfg)
         cipher = LocalCipher()
         (state / "spill").mkdir(exist_ok=True)

@@ -392,3 +392,31 @@ async def test_chmod_and_xattrs_of_a_small_file_of_many_blocks_keep_all_its_byte
         assert await m.whole("small.bin") == body
         assert await m.mode("small.bin") == 0o600
         assert await m.user_xattrs("small.bin") == {b"user.tag": b"v"}
+
+
+@pytest.mark.parametrize("server", [Server(), AWS], ids=["rgw16", "aws"])
+async def test_a_large_file_changed_after_a_key_rotation_is_whole_under_the_new_key(
+        key: Key, other_key: Key, tmp_path: Path, server: Server) -> None:
+    """A many-part file written under the old key, then patched on a mount whose current key
+    is new: the whole object ends under the new key with the patch.  The parts it did not
+    touch are copied server-side where the server copies between keys (AWS); RGW 16 refuses
+    UploadPartCopy between keys, and they are sent through the mount instead."""
+    store = MemStore(server=scaled(server))
+    body = bytearray(data(8 * PS + 3))
+    async with memfs(store, key, tmp_path / "a") as m:
+        await m.put_file("big.bin", bytes(body), chunk=PS)
+    assert store.objects["big.bin"].sse_c_md5 == key.fingerprint
+    store.calls.clear()
+    async with memfs(store, other_key, tmp_path / "b", old_keys=(key,)) as m:
+        fh = await m.open("big.bin")
+        await m.write(fh, 3 * PS + 1, b"rotated")
+        body[3 * PS + 1:3 * PS + 8] = b"rotated"
+        await m.close(fh)
+        assert await m.whole("big.bin") == bytes(body)
+    obj = store.objects["big.bin"]
+    assert obj.data == bytes(body) and obj.sse_c_md5 == other_key.fingerprint
+    sent = parts_sent(store, "big.bin")
+    if server.part_copy_between_keys:
+        assert sent == [4]  # only the patched part; the others copied
+    else:
+        assert sorted(sent) == list(range(1, 10))  # refused copies: every part sent
