@@ -634,7 +634,9 @@ async def test_a_file_written_in_order_goes_to_s3_without_the_spill(rgw, bucket,
     # the first part's (5 MiB parts of 1 MiB blocks, as _writer sets) went to the spill
     assert stats.get("spill_skipped", 0) > 0, stats
     assert 0 < stats.get("spill_blocks", 0) <= 5, stats
-    assert stats.get("uploads_completed_early", 0) == 0
+    # (whether the read of a sent part completed the upload early depends on whether its
+    # upload had finished by then: a race with the server, left alone here; the next test
+    # reads back what only S3 has on purpose)
     assert sha(await read_all(store, "stream.bin", key, len(body))) == sha(body)
     assert _keys(s3, bucket) == ["stream.bin"]
 
