@@ -697,7 +697,8 @@ class Filesystem(pyfuse3.Operations):
         s3key = self.s3key(node.path)
         if node.attrs.size <= SMALL_REWRITE:
             ref = ObjectRef(s3key, node.etag, node.attrs.size, key, node.version_id)
-            body = b"".join(await self.ctx.source.blocks(ref, 0, 0)) if ref.size else b""
+            body = b"".join(await self.ctx.source.blocks(
+                ref, 0, self.ctx.source.nblocks(ref) - 1)) if ref.size else b""
             info = await self.store.put(s3key, body, key, meta)
         else:
             info = await self.store.copy(s3key, s3key, key, key, meta, node.attrs.size)

@@ -68,6 +68,7 @@ class ProxyStats:
     connections: int = 0
     resets: int = 0
     canned_503: int = 0
+    stalled: int = 0  # chunks held back by stall() (the fault really met a request)
     bytes_up: int = 0
     bytes_down: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -197,6 +198,8 @@ class FaultProxy:
             self._conns.difference_update(socks)
 
     def _hold(self) -> None:
+        if time.monotonic() < self._stall_until:
+            self.stats.add("stalled")
         while time.monotonic() < self._stall_until and not self._closed:
             time.sleep(0.05)
         if self._latency:

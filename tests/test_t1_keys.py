@@ -8,12 +8,15 @@ DESIGN §3, atomic saving and the s3fs-fuse import, and fuzz the loader with hyp
 from __future__ import annotations
 
 import base64
+import contextlib
+import copy
 import hashlib
 import logging
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -513,3 +516,168 @@ def test_structured_documents_load_or_raise(
         assert "\n" not in str(e) and not _secrets_in(str(e))
         return
     assert kf.current == current and set(kf.keys) == set(keys)
+
+
+# -- valid documents, and every way to spoil one ---------------------------------------------------
+# Random bytes almost never make a key file, so the fuzzing above mostly checks refusals.  Here
+# hypothesis builds valid key files (ids, 32-byte keys, current, a map), which must load as
+# written and survive load -> save -> load unchanged; then spoils each one in one place, which
+# must be refused with one line that holds no key.
+
+_printable = st.characters(categories=("L", "M", "N", "P", "S"), include_characters=" ")
+_ids = st.text(_printable, min_size=1, max_size=20).filter(lambda s: bool(s.strip()))
+# 32 bytes that look random (a real key does; a run of one byte could pass for a path)
+_raw_keys = st.binary(max_size=8).map(lambda b: hashlib.sha256(b).digest())
+_paths = st.text(min_size=1, max_size=30)  # any string: the TOML writer escapes it
+_versions = st.one_of(st.none(), st.text(min_size=1, max_size=12))
+
+
+@st.composite
+def _valid_docs(draw: st.DrawFn) -> dict[str, Any]:
+    """A key file as a TOML document (a dict), valid by construction."""
+    ids = draw(st.lists(_ids, min_size=1, max_size=4, unique=True))
+    raws = draw(st.lists(_raw_keys, min_size=len(ids), max_size=len(ids), unique=True))
+    doc: dict[str, Any] = {"version": 1, "current": draw(st.sampled_from(ids)),
+                           "keys": {i: base64.b64encode(r).decode() for i, r in zip(ids, raws,
+                                                                                  strict=True)}}
+    entries = draw(st.lists(st.tuples(_paths, _versions, st.sampled_from(ids)), max_size=4,
+                            unique_by=lambda e: (e[0], e[1])))
+    if entries or draw(st.booleans()):
+        doc["map"] = [{"path": p, **({"version": v} if v is not None else {}), "key": k}
+                      for p, v, k in entries]
+    return doc
+
+
+def _raws(doc: dict[str, Any]) -> list[bytes]:
+    keys = doc.get("keys")
+    out = []
+    for v in (keys.values() if isinstance(keys, dict) else []):
+        with contextlib.suppress(TypeError, ValueError):
+            out.append(base64.b64decode(v, validate=True))
+    return out
+
+
+def _key_in(text: str, raws: list[bytes]) -> bool:
+    return any(form in text for raw in raws
+               for form in (base64.b64encode(raw).decode(), raw.hex(), repr(raw),
+                            raw.decode("latin-1")))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_valid_docs())
+def test_a_valid_key_file_loads_as_written_and_saves_back_the_same(
+        tmp_path: Path, doc: dict[str, Any]) -> None:
+    path = _write(tmp_path / "valid.toml", tomli_w.dumps(doc))
+    kf = KeyFile.load(path)
+    assert kf.current == doc["current"]
+    assert {i: k.raw for i, k in kf.keys.items()} == \
+        {i: base64.b64decode(v) for i, v in doc["keys"].items()}
+    assert list(kf.keys) == list(doc["keys"])  # file order is age order
+    assert sorted(kf.map, key=repr) == sorted(
+        (MapEntry(e["path"], e.get("version"), e["key"]) for e in doc.get("map", [])), key=repr)
+    kf.save(tmp_path / "again.toml")
+    again = KeyFile.load(tmp_path / "again.toml")
+    assert (again.current, again.keys, sorted(again.map, key=repr)) == \
+        (kf.current, kf.keys, sorted(kf.map, key=repr))
+    assert again.to_toml() == kf.to_toml()
+    assert not _key_in(repr(again), _raws(doc))
+
+
+def _spoil(doc: dict[str, Any], how: str, data: st.DataObject) -> dict[str, Any] | str:
+    """``doc`` spoilt in one place: a document, or TOML text for faults a dict cannot hold."""
+    d = copy.deepcopy(doc)
+    ids = list(d["keys"])
+    some_id = data.draw(st.sampled_from(ids))
+    if how.startswith("drop "):
+        del d[how[5:]]
+    elif how == "version 2":
+        d["version"] = 2
+    elif how == "version as text":
+        d["version"] = "1"
+    elif how == "current not text":
+        d["current"] = 1
+    elif how == "keys not a table":
+        d["keys"] = list(d["keys"].values())
+    elif how == "no keys":
+        d["keys"] = {}
+    elif how == "key not text":
+        d["keys"][some_id] = 12345
+    elif how == "bad base64":
+        d["keys"][some_id] = d["keys"][some_id][:-2] + "!="
+    elif how == "short key":
+        d["keys"][some_id] = base64.b64encode(data.draw(st.binary(max_size=31))).decode()
+    elif how == "long key":
+        d["keys"][some_id] = base64.b64encode(data.draw(st.binary(min_size=33, max_size=64))
+                                              ).decode()
+    elif how == "same key twice":
+        d["keys"][data.draw(_ids.filter(lambda i: i not in ids))] = d["keys"][some_id]
+    elif how == "blank id":
+        d["keys"][data.draw(st.sampled_from(["", " ", "\t"]))] = base64.b64encode(
+            os.urandom(32)).decode()
+    elif how == "unknown field":
+        d[data.draw(st.sampled_from(["versoin", "Current", "key", "maps", "x"]))] = 1
+    elif how == "dangling current":
+        d["current"] = data.draw(_ids.filter(lambda i: i not in ids))
+    elif how == "map not a list":
+        d["map"] = {"path": "p", "key": some_id}
+    elif how.startswith("map "):  # spoil the map: add an entry if there is none
+        entries = d.setdefault("map", [])
+        if not entries:
+            entries.append({"path": "p", "key": some_id})
+        e = entries[data.draw(st.integers(0, len(entries) - 1))]
+        if how == "map entry not a table":
+            entries[entries.index(e)] = "p"
+        elif how == "map unknown field":
+            e[data.draw(st.sampled_from(["Path", "versions", "id", "keys"]))] = "v"
+        elif how == "map drop path":
+            del e["path"]
+        elif how == "map empty path":
+            e["path"] = ""
+        elif how == "map path not text":
+            e["path"] = 7
+        elif how == "map empty version":
+            e["version"] = ""
+        elif how == "map version not text":
+            e["version"] = 3
+        elif how == "map drop key":
+            del e["key"]
+        elif how == "map dangling key":
+            e["key"] = data.draw(_ids.filter(lambda i: i not in ids))
+        elif how == "map duplicate":
+            entries.append(dict(e))
+        else:
+            raise AssertionError(how)
+    if how == "id twice in the text":  # TOML itself refuses a repeated table key
+        text = tomli_w.dumps(d)
+        line = next(ln for ln in text.splitlines() if ln.endswith(f'= "{d["keys"][some_id]}"'))
+        return text.replace(line, f"{line}\n{line}", 1)
+    if how == "cut short":
+        text = tomli_w.dumps(d)
+        cut = text.index(d["keys"][some_id]) + data.draw(st.integers(1, 40))
+        return text[:cut]
+    return d
+
+
+SPOILS = ["drop version", "drop current", "drop keys", "version 2", "version as text",
+          "current not text", "keys not a table", "no keys", "key not text", "bad base64",
+          "short key", "long key", "same key twice", "blank id", "unknown field",
+          "dangling current", "map not a list", "map entry not a table", "map unknown field",
+          "map drop path", "map empty path", "map path not text", "map empty version",
+          "map version not text", "map drop key", "map dangling key", "map duplicate",
+          "id twice in the text", "cut short"]
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_valid_docs(), how=st.sampled_from(SPOILS), data=st.data())
+def test_every_spoilt_key_file_is_refused_in_one_line_without_its_keys(
+        tmp_path: Path, doc: dict[str, Any], how: str, data: st.DataObject) -> None:
+    spoilt = _spoil(doc, how, data)
+    text = spoilt if isinstance(spoilt, str) else tomli_w.dumps(spoilt)
+    path = _write(tmp_path / "spoilt.toml", text)
+    with pytest.raises(KeyFileError) as info:
+        KeyFile.load(path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"key file {path}: "), msg
+    assert not _key_in(msg, _raws(doc)), f"{how}: key material in {msg!r}"

@@ -638,9 +638,13 @@ async def test_a_file_written_in_order_goes_to_s3_without_the_spill(rgw, bucket,
         await f.close()
         nursery.cancel_scope.cancel()
     stats = store.stats.snapshot()
-    # of the 16 blocks that left memory (it keeps 7), the first part's 5 went to the spill
-    assert (stats.get("spill_blocks", 0), stats.get("spill_skipped", 0)) == (5, 11), stats
-    assert stats.get("uploads_completed_early", 0) == 0
+    # blocks left memory (23 MiB does not fit in what a file may hold), and of those only
+    # the first part's (5 MiB parts of 1 MiB blocks, as _writer sets) went to the spill
+    assert stats.get("spill_skipped", 0) > 0, stats
+    assert 0 < stats.get("spill_blocks", 0) <= 5, stats
+    # (whether the read of a sent part completed the upload early depends on whether its
+    # upload had finished by then: a race with the server, left alone here; the next test
+    # reads back what only S3 has on purpose)
     assert sha(await read_all(store, "stream.bin", key, len(body))) == sha(body)
     assert _keys(s3, bucket) == ["stream.bin"]
 
@@ -661,7 +665,7 @@ async def test_reading_back_what_only_s3_has_completes_the_upload_so_far(
         f.ctx.nursery = f.ctx.source.nursery = nursery
         await _write_in_order(f, body[:17 * MiB])
         await f._wait_parts()
-        assert f.sent_only == set(range(5, 10))  # part 1's; memory holds blocks 10-16
+        assert {6, 8} <= f.sent_only  # the blocks read and patched below: only S3 has them
         off = 6 * MiB + 100
         assert bytes(await f.read(off, 4096)) == body[off:off + 4096]
         assert store.stats.snapshot()["uploads_completed_early"] == 1
@@ -856,7 +860,7 @@ async def test_copy_to_another_key_streams_or_stays_on_the_server(rgw, bucket, s
     await assert_eacces(store.head("new.bin", key))
     await assert_eacces(store.get_range("new.bin", 0, 10, key))
     assert_keyless_get_fails(s3, bucket, "new.bin")
-    # no unfinished multipart upload is left behind by the refused UploadPartCopy
+    # no unfinished multipart upload is left behind (by a refused UploadPartCopy either)
     assert await store.list_multipart_uploads("") == []
 
 
@@ -995,15 +999,16 @@ async def test_plain_http_is_refused(rgw, bucket, s3, key) -> None:
     await https.put("over-https.bin", b"hello", key)
 
     store = make_store(rgw, bucket, endpoint=rgw.http_endpoint, ca_bundle=None, allow_http=True)
-    # RGW (rgw_crypt_require_ssl) refuses SSE-C in clear; the store must not report success
+    # RGW (rgw_crypt_require_ssl) refuses SSE-C in clear (400 InvalidRequest, which the one
+    # errno map makes EACCES, as it does AWS's answer); the store must not report success
     with pytest.raises(FsError) as ei:
         await store.put("over-http.bin", b"hello", key)
-    assert ei.value.errno in (errno.EACCES, errno.EINVAL, errno.EPERM), str(ei.value)
+    assert ei.value.errno == errno.EACCES, str(ei.value)
     with pytest.raises(ClientError):
         s3.head_object(Bucket=bucket, Key="over-http.bin")
     with pytest.raises(FsError) as ei:
         await store.get_range("over-https.bin", 0, 5, key)
-    assert ei.value.errno in (errno.EACCES, errno.EINVAL, errno.EPERM), str(ei.value)
+    assert ei.value.errno == errno.EACCES, str(ei.value)
 
 
 async def test_wrong_credentials_are_eacces(rgw, bucket, key, monkeypatch) -> None:

@@ -1258,11 +1258,12 @@ def test_a_file_open_for_writing_gets_no_region_in_the_page_cache(
 
 
 def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
-    """The mount's readahead is 1 MiB (the kernel then sends 1 MiB reads, not 128 KiB ones):
-    set after the FUSE handshake, which would otherwise cap it back at 128 KiB."""
+    """The mount's kernel readahead is raised above the 128 KiB the FUSE handshake leaves (so
+    the kernel sends fewer, larger reads): set after the handshake, which would otherwise cap
+    it back.  How far it is raised is tuning, not pinned here."""
     dev = os.stat(mnt.path).st_dev
     ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
-    assert int(ra) == 1024
+    assert int(ra) > 128
 
 
 def test_a_file_read_once_is_not_written_to_the_block_cache(mount_factory: Any, s3: Any,
@@ -1313,3 +1314,22 @@ def test_a_file_read_again_unchanged_costs_no_request(mount_factory: Any, s3: An
     s3.put_object(Bucket=bucket, Key="again.bin", Body=body2, Metadata=meta, **sse(key))
     assert f.stat().st_mtime == 1700000000
     assert f.read_bytes() == body2
+
+
+def test_chmod_and_xattr_keep_every_byte_with_a_small_block_size(
+        mount_factory: Any, bucket: str, s3: Any, key: Key) -> None:
+    """With ``-o block_size=64K``, a closed 100 KB file (two blocks, small enough that a
+    metadata change sends its bytes again) keeps all of them through chmod and setxattr:
+    the rewrite used to send only the first block, cutting the object to 64 KiB."""
+    m = mount_factory(bucket, "-o", "block_size=64K")
+    body = os.urandom(100_000)
+    (m.path / "f.bin").write_bytes(body)
+    os.chmod(m.path / "f.bin", 0o600)
+    os.setxattr(m.path / "f.bin", "user.tag", b"v")
+    got = s3.get_object(Bucket=bucket, Key="f.bin", SSECustomerAlgorithm="AES256",
+                        SSECustomerKey=key.raw)["Body"].read()
+    assert len(got) == len(body) and sha(got) == sha(body)
+    m.remount()
+    assert (m.path / "f.bin").read_bytes() == body
+    assert stat.S_IMODE(os.stat(m.path / "f.bin").st_mode) == 0o600
+    assert os.getxattr(m.path / "f.bin", "user.tag") == b"v"

@@ -159,7 +159,7 @@ def test_reads_complete_through_resets_503_and_short_stalls(
     proxy.stall(3)  # below read_timeout: just slow
     r = child("read", m.path / "r2")
     assert r["ok"] and r["sha"] == want[2], r
-    assert r["wall"] >= 2.5
+    assert proxy.stats.stalled >= 1, "the read never met the stall (test tests nothing)"
 
     proxy.latency(0.05)
     r = child("read", m.path / "r3")
@@ -196,41 +196,44 @@ def test_reset_during_readahead_keeps_daemon_alive(proxy: FaultProxy, bucket: st
     assert child("listdir", m.path)["ok"]
     proxy.reset_after(1536 << 10, count=6, direction="down")
     child("read", m.path / "seq")  # may fail: the mid-body bug above
-    time.sleep(1)
-    assert Path(f"/proc/{pid}").exists(), "daemon died after a connection reset in readahead"
+    assert proxy.stats.resets >= 1, "the read met no reset (test tests nothing)"
     proxy.clear()
     r = child("read", m.path / "seq")
     assert r["ok"] and r["sha"] == data_sha(size, "seq"), r
+    assert Path(f"/proc/{pid}").exists(), "daemon died after a connection reset in readahead"
 
 
 def test_a_far_server_gets_more_streaming_gets(proxy: FaultProxy, bucket: str,
                                              mount_factory: Any, s3: Any, key: Key) -> None:
-    """A server that takes over 5 ms to answer (the proxy holds every chunk 10 ms, which also
-    caps each connection near 6 MiB/s, as a far server's rate per connection does) gets 8
-    streaming GETs at once: a sequential read keeps more than 4 in flight and is right.
-    Straight from RGW on this machine, which answers in a millisecond or two and shares our
-    cores, the same read keeps to 4 (2 when its blocks go to the block cache, which a first
-    read's do not); ``-o get_streams=`` fixes the count."""
+    """A server that takes long to answer (the proxy holds every chunk 10 ms each way, which
+    also caps each connection's rate, as a far server's rate per connection does) gets more
+    streaming GETs at once than any near server would, and a sequential read keeps more of
+    them in flight; ``-o get_streams=`` fixes the count whatever the distance.  Every mount
+    keeps to the count it reports, and every read is right.  (How many streams each distance
+    gets is the code's tuning, tested as a rule in test_t1_streams, not pinned here; whether
+    RGW on this machine counts as near depends on the machine, so nothing here assumes it.)"""
+    from s3ssefs.streams import stream_counts
+
     size = 64 << 20
     put_sse(s3, bucket, "far", random.Random("far").randbytes(size), key)
     for i in range(4):
         put_sse(s3, bucket, f"small{i}", b"x", key)
+
+    def within_own_count(got: dict[str, Any]) -> None:  # the peak counts both kinds
+        assert 0 < got["get_streams_peak"] <= got["get_streams"] + got["get_streams_uncached"]
 
     near = mount_factory(bucket)
     for i in range(4):  # a few small requests (HEADs) to time the server by
         assert child("stat", near.path / f"small{i}")["ok"]
     r = child("read", near.path / "far")
     assert r["ok"] and r["sha"] == data_sha(size, "far"), r
-    got = mount_stats(near)
-    assert got["server_answer_us"] < 5000, got
-    assert (got["get_streams"], got["get_streams_uncached"]) == (2, 4), got
-    assert got["get_streams_peak"] <= 4, got
 
     fixed = mount_factory(bucket, "-o", "get_streams=6")  # the option wins over the distance
     r = child("read", fixed.path / "far")
     assert r["ok"] and r["sha"] == data_sha(size, "far"), r
     got = mount_stats(fixed)
     assert (got["get_streams"], got["get_streams_uncached"]) == (6, 6), got
+    within_own_count(got)
 
     proxy.latency(0.01)  # from the start: no quick answer of the mount's own is timed
     far = proxied(mount_factory, bucket, proxy)
@@ -240,10 +243,12 @@ def test_a_far_server_gets_more_streaming_gets(proxy: FaultProxy, bucket: str,
     proxy.latency(0)
     assert r["ok"] and r["sha"] == data_sha(size, "far"), r
     got = mount_stats(far)
-    assert got["server_answer_us"] >= 20000, got  # the request and the answer each held
-    assert (got["get_streams"], got["get_streams_uncached"]) == (8, 8), got
-    assert got["get_streams_peak"] > 4, got
-    assert "streaming GETs at once: 8, 8" in far.log_file.read_text()
+    assert got["server_answer_us"] >= 20000, got  # the proxy held the request and the answer
+    within_own_count(got)
+    nearest = max(stream_counts(0.0, None, 1 << 20))  # what a server answering at once gets
+    assert got["get_streams_peak"] > nearest, got
+    assert f"streaming GETs at once: {got['get_streams']}, {got['get_streams_uncached']}" \
+        in far.log_file.read_text()
 
 
 @pytest.mark.allow_warnings
@@ -363,7 +368,12 @@ def test_close_fails_while_down_then_retry_delivers(
     w = child("write", m.path / "down.bin", 3 << 20, "down")
     assert not w["ok"] and w["errno"] == errno.EIO and w["stage"] == "close", w
     assert w["wall"] < REQUEST_TIMEOUT + 10, w
-    time.sleep(3)  # a few retry rounds while still down: nothing may be dropped
+    # two retry rounds meet the server still down: nothing may be dropped
+    def failures() -> int:
+        return m.log_file.read_text(errors="replace").count("down.bin failed, data kept")
+
+    assert wait_for(lambda: failures() >= 3, BOUND), \
+        "the retry loop never retried while the server was down"
     proxy.up()
     assert wait_for(lambda: bucket_sha(s3, bucket, "down.bin", key) is not None, 60), \
         "the spilled write never reached the bucket after the server came back"
@@ -726,13 +736,11 @@ def test_cache_dir_on_a_small_tmpfs_that_fills_up(
         assert _tree_bytes(tiny) <= (8 << 20) + (1 << 20) + 4096
 
         big = os.urandom(64 << 20)
-        written = 0
         failed = None
         try:
             with open(m.path / "big.bin", "wb") as f:
                 for off in range(0, len(big), 1 << 20):
                     f.write(big[off:off + (1 << 20)])
-                    written = off + (1 << 20)
         except OSError as e:
             failed = e.errno
         assert failed in (None, errno.ENOSPC), f"unexpected errno {failed}"
@@ -745,7 +753,6 @@ def test_cache_dir_on_a_small_tmpfs_that_fills_up(
             assert stored == big
         else:  # never corrupt: whatever landed is what the program wrote, from the start
             assert stored == big[:len(stored)]
-            assert len(stored) >= min(written, len(stored))
 
         (m.path / "after.txt").write_bytes(b"still works")
         assert (m.path / "after.txt").read_bytes() == b"still works"
