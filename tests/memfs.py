@@ -68,6 +68,7 @@ class MemFs:
         # ``key`` writes; ``old_keys`` (a rotation's earlier keys) still read
         kf = KeyFile({k.id: k for k in (*old_keys, key)}, key.id)
         self.cfg = MountConfig(bucket=store.bucket, keyfile=state / "unused", **cfg)
+        store.cfg = self.cfg  # as ObjectStore holds the mount's configuration
         cipher = LocalCipher()
         (state / "spill").mkdir(exist_ok=True)
         self.cache = BlockCache(state / "blocks", self.sizes.cache, cipher)

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.http1 import Body
 from s3ssefs.keys import Key
@@ -95,6 +96,7 @@ class MemStore:
         self.server = server
         self.stats = stats or Stats()
         self.caps = Capabilities()
+        self.cfg: MountConfig | None = None  # the mount's, set by whoever mounts it
         self.objects: dict[str, Obj] = {}
         self.uploads: dict[str, _Upload] = {}
         self.calls: list[tuple[str, str, Any]] = []
