@@ -826,6 +826,17 @@ class ObjectStore:
             raise FsError(errno.EIO, f"{what}: {problem}; refusing to leave plaintext in the "
                           "bucket", permanent=True)
 
+    async def _check_stored(self, resp: dict[str, Any], key: str, sse_key: Key | None,
+                            what: str) -> None:
+        """:meth:`_check_echo` for an object already in place: one that is not encrypted as
+        asked is deleted (that version) before the error goes up."""
+        try:
+            self._check_echo(resp, sse_key, what)
+        except FsError as e:
+            log.error("%s", e)
+            await self._delete_quietly(key, resp.get("VersionId"))
+            raise
+
     async def put(self, key: str, body: Body, sse_key: Key | None,
                   metadata: dict[str, str] | None = None,
                   content_type: str | None = None) -> ObjectInfo:
@@ -844,12 +855,7 @@ class ObjectStore:
                            body)
         r = await self._guarded("put", what, _joined(self.client.put_object), lean, **kw)
         self.stats.request("put_bytes", up=len(body))
-        try:
-            self._check_echo(r, sse_key, what)
-        except FsError as e:
-            log.error("%s", e)
-            await self._delete_quietly(key, r.get("VersionId"))
-            raise
+        await self._check_stored(r, key, sse_key, what)
         return ObjectInfo(key=key, size=len(body), etag=str(r.get("ETag", "")).strip('"'),
                           mtime=0.0, metadata=dict(metadata or {}),
                           version_id=r.get("VersionId"),
@@ -919,12 +925,7 @@ class ObjectStore:
                                   "ServerSideEncryption")):
             # RGW echoes nothing here (the CreateMultipartUpload echo vouches for the upload);
             # an echo that names another encryption is a server that ignored ours
-            try:
-                self._check_echo(r, sse_key, what)
-            except FsError as e:
-                log.error("%s", e)
-                await self._delete_quietly(key, r.get("VersionId"))
-                raise
+            await self._check_stored(r, key, sse_key, what)
         return ObjectInfo(key=key, size=-1, etag=str(r.get("ETag", "")).strip('"'), mtime=0.0,
                           version_id=r.get("VersionId"), sse_c_md5=sse_key and sse_key.fingerprint)
 

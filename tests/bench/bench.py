@@ -1464,14 +1464,7 @@ def add_ratios(res: dict, base: str) -> None:
         res["ratios"][name] = rr
 
 
-def fmt_val(v: float) -> str:
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    if v >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
+fmt_val = summary.fmt
 
 
 def cell(d: dict | None) -> str:
