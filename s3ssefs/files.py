@@ -47,6 +47,7 @@ from s3ssefs.cache import DISK_FULL, disk_usage
 from s3ssefs.crypto import CorruptBlock, LocalCipher
 from s3ssefs.errors import FsError
 from s3ssefs.http1 import Pieces
+from s3ssefs.inodes import stamp
 from s3ssefs.keys import Key
 from s3ssefs.meta import CTIME, MTIME
 from s3ssefs.pages import KernelPages
@@ -992,6 +993,7 @@ class FileData:
         node.remote = True
         node.attrs.size = self.size
         node.fetched = time.monotonic()
+        node.changed = stamp()
 
     # ------------------------------------------------------------------ unlink while open
     async def detach_from_object(self) -> None:

@@ -29,7 +29,16 @@ from s3ssefs.blocks import Buf, ObjectRef
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
 from s3ssefs.files import Ctx, FileData, WriteFailed
-from s3ssefs.inodes import MAX_CACHED_ENTRIES, ROOT, InodeTable, Listing, Node, check_name, join
+from s3ssefs.inodes import (
+    MAX_CACHED_ENTRIES,
+    ROOT,
+    InodeTable,
+    Listing,
+    Node,
+    check_name,
+    join,
+    stamp,
+)
 from s3ssefs.keyring import PLAIN, KeyRing
 from s3ssefs.keys import Key
 from s3ssefs.meta import (
@@ -217,17 +226,21 @@ class Filesystem(pyfuse3.Operations):
         it: ``hint``, else ``listed`` (a listing older than ``dir_ttl``, which only this may
         use: an entry is kept only if the HEAD finds the object the listing showed)."""
         if hint is None or not hint[0]:
+            asked = stamp()
             try:
                 info, key = await self.view.head(path, self.s3key(path))
             except FsError as e:
                 if e.errno == errno.EACCES and hint is not None:
-                    return self._locked_node(path, hint)
+                    return self._locked_node(path, hint, asked)
                 if e.errno == errno.EACCES:
-                    return self._locked_node(path, await self._list_hint(path))
+                    return self._locked_node(path, await self._list_hint(path), asked)
                 if e.errno != errno.ENOENT:
                     raise
             else:
                 if hint is None or not hint[0]:
+                    node = self._changed_since(path, asked)
+                    if node is not None:
+                        return node
                     node = self._file_node(path, info, key)
                     seen = hint if hint is not None else listed
                     if seen is not None:
@@ -279,7 +292,14 @@ class Filesystem(pyfuse3.Operations):
         node.fetched = time.monotonic()
         return node
 
+    def _changed_since(self, path: str, asked: int) -> Node | None:
+        """The node of ``path`` if this mount changed its object after ``asked``: what a HEAD
+        or LIST asked then says of it is older than what the mount knows, and is not taken."""
+        node = self.inodes.find(path)
+        return node if node is not None and node.changed > asked else None
+
     def _file_node(self, path: str, info: ObjectInfo, key: Any) -> Node:
+        """The node of a file as a HEAD (or the metadata index) says it is now."""
         attrs = self._attrs(info, is_dir=False)
         node = self.inodes.find(path)
         if node is None or stat.S_IFMT(node.attrs.mode) != stat.S_IFMT(attrs.mode):
@@ -289,6 +309,8 @@ class Filesystem(pyfuse3.Operations):
         elif node.data is None or not node.data.dirty:
             if node.etag != info.etag:
                 node.link_target = None
+            if (node.etag, node.attrs.size) != (info.etag, attrs.size):
+                self._forget_kernel_attrs(node)
             node.attrs = attrs
         node.etag = info.etag
         node.version_id = info.version_id
@@ -300,10 +322,13 @@ class Filesystem(pyfuse3.Operations):
         node.fetched = time.monotonic()
         return node
 
-    def _listed_node(self, path: str, hint: tuple[bool, int, str, float]) -> Node:
+    def _listed_node(self, path: str, hint: tuple[bool, int, str, float], asked: int,
+                     ) -> Node:
         """A node for a listed object not HEADed yet: size and time from the listing, mode and
         owner from what we knew or the mount's defaults; not fresh, so a lookup HEADs it."""
         node = self.inodes.find(path)
+        if node is not None and node.changed > asked:
+            return node
         if node is None or node.is_dir:
             node = self.inodes.create(path, attrs_from_object(
                 {}, hint[1], hint[3], is_dir=False, default_uid=self.cfg.uid,
@@ -316,12 +341,15 @@ class Filesystem(pyfuse3.Operations):
             node.fetched = -math.inf
         return node
 
-    def _locked_node(self, path: str, hint: tuple[bool, int, str, float]) -> Node:
+    def _locked_node(self, path: str, hint: tuple[bool, int, str, float], asked: int,
+                     ) -> Node:
         """A node for an object no key of the mount opens: size and time from the listing,
         owner from the mount's defaults, and no permission bits at all (mode 0000), since
         its real mode is in metadata only its key reveals; a regular file, unless it was
         known as something else (a symlink) before."""
         node = self.inodes.find(path)
+        if node is not None and node.changed > asked:
+            return node
         known = node is not None and not node.is_dir
         kind = stat.S_IFMT(node.attrs.mode) if node is not None and known else stat.S_IFREG
         mtime = int(hint[3] * 1e9)
@@ -365,8 +393,8 @@ class Filesystem(pyfuse3.Operations):
             if hint is None:
                 self.inodes.missed(parent.path)
                 raise FsError(errno.ENOENT, f"no such file: {path}")
-        if hint is not None and not hint[0] and hint[2]:  # as S3 listed it
-            indexed = await self._indexed(parent.path, {name: hint})
+        if lst is not None and hint is not None and not hint[0] and hint[2]:  # as S3 listed it
+            indexed = await self._indexed(parent.path, {name: hint}, lst.asked)
             if name in indexed:
                 return indexed[name]
         order = self._listed.get(parent.path) if hint is None else None
@@ -414,6 +442,7 @@ class Filesystem(pyfuse3.Operations):
         before = dict(old.entries)
         prefix = self.dirkey(dpath)
         entries: dict[str, tuple[bool, int, str, float]] = {}
+        asked = stamp()
         try:
             async for page in self.view.list_pages(prefix, delimiter="/"):
                 dirs, files = self._page_names(dpath, prefix, page)
@@ -439,7 +468,7 @@ class Filesystem(pyfuse3.Operations):
             node = self.inodes.find(join(dpath, name))
             if name not in entries and node is not None and not node.remote:
                 entries[name] = entry
-        self.inodes.remember_listing(dpath, entries)
+        self.inodes.remember_listing(dpath, entries, asked)
 
     def _prefetch_after(self, dpath: str, name: str) -> None:
         """Start HEADs for the listed entries after ``name`` (see :class:`ListedOrder`)."""
@@ -477,12 +506,15 @@ class Filesystem(pyfuse3.Operations):
         would: a node, or a locked node for a file no key opens); a file gone since the
         listing, or whose HEAD failed, is left to its lookup."""
         try:
+            asked = stamp()
             got = await self.view.head_many([(p, self.s3key(p)) for p, _ in files])
             for (path, hint), res in zip(files, got, strict=True):
+                if self._changed_since(path, asked) is not None:
+                    continue
                 if not isinstance(res, FsError):
                     self._index_note(self._file_node(path, *res), hint, *res)
                 elif res.errno == errno.EACCES:
-                    self._locked_node(path, hint)
+                    self._locked_node(path, hint, asked)
         except Exception as e:
             log.debug("prefetch HEADs from %s on failed: %s", files[0][0], e)
         finally:
@@ -491,9 +523,10 @@ class Filesystem(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ metadata index
     async def _indexed(self, dpath: str, hints: dict[str, tuple[bool, int, str, float]],
-                       ) -> dict[str, Node]:
-        """Nodes for the listed files of ``dpath`` (name → listing hint) that the metadata
-        index knows as the listing shows them: what their HEAD would say, without one."""
+                       asked: int) -> dict[str, Node]:
+        """Nodes for the listed files of ``dpath`` (name → listing hint, from a LIST asked at
+        ``asked``) that the metadata index knows as the listing shows them: what their HEAD
+        would say, without one."""
         if self.index is None or not hints:
             return {}
         got = await self.index.lookup([(self.s3key(join(dpath, name)), h[2], h[1], h[3])
@@ -510,8 +543,8 @@ class Filesystem(pyfuse3.Operations):
             if e.key_id != PLAIN and key is None:
                 continue  # its key left the key file: S3 says what opens it now
             node = self.inodes.find(path)
-            if node is not None and node.data is not None:
-                continue  # open here: what this mount knows wins
+            if node is not None and (node.data is not None or node.changed > asked):
+                continue  # open or changed here since: what this mount knows wins
             node = self._file_node(path, e.info(s3key), key)
             node.indexed = (hint[2], hint[1], hint[3])
             if node.is_link and e.link is not None:
@@ -578,17 +611,22 @@ class Filesystem(pyfuse3.Operations):
 
     async def _revalidate(self, node: Node) -> None:
         """Close-to-open: an open looks at S3 again whatever the TTL says (another client may
-        have closed a new version a moment ago), and a changed object makes the kernel drop the
-        attributes it cached, so no kernel cuts the new content at the old size."""
-        before = (node.etag, node.attrs.size)
+        have closed a new version a moment ago); a changed object makes the kernel drop the
+        attributes it cached (:meth:`_file_node`)."""
         fresh = await self._probe(node.path)
         if fresh is not node:
             raise FsError(errno.ESTALE, f"{node.path} was replaced")
-        if (node.etag, node.attrs.size) != before:
-            try:  # attributes only, no writeback cache: does not block
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError as e:
-                log.debug("could not invalidate attributes of %s: %s", node.path, e)
+
+    def _forget_kernel_attrs(self, node: Node) -> None:
+        """Make the kernel drop the attributes it holds of ``node``, which changed under it:
+        it would keep them for attr_ttl and cut a read of the new content at the old size
+        (an open that finds nothing new since the mount last looked does not tell it)."""
+        if node.lookups == 0 and node.open_count == 0:
+            return  # the kernel holds none
+        try:  # attributes only, no writeback cache: does not block
+            pyfuse3.invalidate_inode(node.ino, attr_only=True)
+        except OSError as e:
+            log.debug("could not invalidate attributes of %s: %s", node.path, e)
 
     # ------------------------------------------------------------------ lookups & attributes
     @_fuse_errors
@@ -692,6 +730,7 @@ class Filesystem(pyfuse3.Operations):
             info = await self.store.put(self.dirkey(node.path), b"", self.keyring.current, meta)
             node.has_marker = True
             node.sse_key = self.keyring.current
+            node.changed = stamp()
             return
         key = node.sse_key
         s3key = self.s3key(node.path)
@@ -712,6 +751,7 @@ class Filesystem(pyfuse3.Operations):
         node.version_id = info.version_id
         node.server_mtime = None
         node.fetched = time.monotonic()
+        node.changed = stamp()
 
     async def _data_for(self, node: Node) -> tuple[FileData, bool]:
         """The node's open-file state, or a temporary one (truncate of a closed file)."""
@@ -747,10 +787,7 @@ class Filesystem(pyfuse3.Operations):
                       "dropped, as %s", self.store.bucket, self.s3key(node.path), why.args[0])
             node.page_id = None
             node.fetched = 0.0  # its attributes come from S3 again
-            try:  # attributes only, no writeback cache: does not block
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError as e:
-                log.debug("could not invalidate attributes of %s: %s", node.path, e)
+            self._forget_kernel_attrs(node)
         else:
             log.error("s3://%s/%s is not created, as %s", self.store.bucket,
                       self.s3key(node.path), why.args[0])
@@ -814,6 +851,7 @@ class Filesystem(pyfuse3.Operations):
         remembered: dict[str, tuple[bool, int, str, float]] = {}
         complete = True
         order = ListedOrder()
+        asked = stamp()
         self._listed.pop(dpath, None)
         self._listed[dpath] = order
         while len(self._listed) > LISTED_DIRS:
@@ -825,21 +863,27 @@ class Filesystem(pyfuse3.Operations):
             for name, o in files.items():
                 path = join(dpath, name)
                 node = self.inodes.find(path)
+                if node is None and self.inodes.removed_since(path, asked):
+                    continue  # removed here since the LIST was asked
+                if node is not None and node.changed > asked:
+                    continue  # changed here since the LIST was asked: what the mount knows
                 if node is None or not self._fresh(node) or (node.etag != o.etag and \
                         (node.data is None or not node.data.dirty)):
                     stale[name] = (False, o.size, o.etag, o.mtime)
                 else:
                     self._index_keep(node, o)
-            indexed = await self._indexed(dpath, stale)
+            indexed = await self._indexed(dpath, stale, asked)
             for name, hint in stale.items():
                 path = join(dpath, name)
-                results[path] = indexed.get(name) or self._listed_node(path, hint)
+                results[path] = indexed.get(name) or self._listed_node(path, hint, asked)
                 if name not in indexed:
                     order.add(name, hint)
             for name in sorted(list(dirs) + list(files)):
                 path = join(dpath, name)
                 if name in dirs:
                     node = self.inodes.find(path)
+                    if node is None and self.inodes.removed_since(path, asked):
+                        continue  # removed here since the LIST was asked
                     if node is None or not node.is_dir:
                         # mode and owner live on the marker (if any): a lookup finds out
                         now = time.time()
@@ -854,22 +898,23 @@ class Filesystem(pyfuse3.Operations):
                     if node is None:
                         continue
                     o = files[name]
-                    remembered[name] = (False, o.size, o.etag, o.mtime)
+                    remembered[name] = (False, o.size, o.etag, o.mtime) \
+                        if node.changed <= asked else (False, node.attrs.size, "", 0.0)
                 seen.add(name)
                 yield name, node
             if len(remembered) > 20_000:
                 complete = False
                 remembered.clear()
-        # files created (or renamed) here that S3 does not have yet
+        # files created (or renamed) here that S3 does not have yet, or had not when asked
         pre = dpath + "/" if dpath else ""
         for path, node in list(self.inodes.by_path.items()):
             if path.startswith(pre) and "/" not in path[len(pre):] and path != dpath:
                 name = path[len(pre):]
-                if name not in seen and not node.remote:
+                if name not in seen and (not node.remote or node.changed > asked):
                     remembered[name] = (node.is_dir, node.attrs.size, "", 0.0)
                     yield name, node
         if complete:
-            self.inodes.remember_listing(dpath, remembered)
+            self.inodes.remember_listing(dpath, remembered, asked)
 
     def _page_names(self, dpath: str, prefix: str, page: ListPage,
                     ) -> tuple[dict[str, str], dict[str, ObjectInfo]]:
@@ -919,11 +964,13 @@ class Filesystem(pyfuse3.Operations):
             attrs.mode |= stat.S_ISGID
         await self.store.put(self.dirkey(path), b"", self.keyring.current,
                              metadata_for(attrs))
-        node = self.inodes.create(path, attrs, has_marker=True, sse_key=self.keyring.current)
+        node = self.inodes.create(path, attrs, has_marker=True, sse_key=self.keyring.current,
+                                  changed=stamp())
         node.fetched = time.monotonic()
         node.lookups += 1
         self.inodes.listing_add(path, True)
-        self.inodes.remember_listing(path, {})  # new and empty: names in it need no lookup
+        # new and empty: names in it need no lookup
+        self.inodes.remember_listing(path, {}, stamp())
         self._entries_changed(parent)
         return node.entry(self.ttl)
 
@@ -991,7 +1038,7 @@ class Filesystem(pyfuse3.Operations):
         now = _now_ns()
         attrs = Attrs(mode=stat.S_IFREG | stat.S_IMODE(mode), uid=ctx.uid,
                       gid=self._new_gid(parent, ctx), size=0, mtime_ns=now, ctime_ns=now)
-        node = self.inodes.create(path, attrs, remote=False)
+        node = self.inodes.create(path, attrs, remote=False, changed=stamp())
         node.fetched = time.monotonic()
         node.data = FileData(self.ctx, node, None)
         node.data.page_blockers += 1
@@ -1254,6 +1301,7 @@ class Filesystem(pyfuse3.Operations):
             node.etag = info.etag
             node.version_id = info.version_id
             node.server_mtime = None
+            node.changed = stamp()
             if data is not None:
                 data.renamed(info)
         self.keyring.rename(old_key, new_key)
@@ -1316,7 +1364,8 @@ class Filesystem(pyfuse3.Operations):
                       size=len(target), mtime_ns=now, ctime_ns=now)
         key = self.keyring.current
         info = await self.store.put(self.s3key(path), target, key, metadata_for(attrs))
-        node = self.inodes.create(path, attrs, etag=info.etag, sse_key=key, link_target=target)
+        node = self.inodes.create(path, attrs, etag=info.etag, sse_key=key, link_target=target,
+                                  changed=stamp())
         node.fetched = time.monotonic()
         node.lookups += 1
         self.keyring.learn(self.s3key(path), key, info.etag)
@@ -1349,7 +1398,7 @@ class Filesystem(pyfuse3.Operations):
                       mtime_ns=now, ctime_ns=now, rdev=rdev)
         key = self.keyring.current
         info = await self.store.put(self.s3key(path), b"", key, metadata_for(attrs))
-        node = self.inodes.create(path, attrs, etag=info.etag, sse_key=key)
+        node = self.inodes.create(path, attrs, etag=info.etag, sse_key=key, changed=stamp())
         node.fetched = time.monotonic()
         node.lookups += 1
         self.inodes.listing_add(path, False)

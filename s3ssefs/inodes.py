@@ -15,10 +15,12 @@ expires); a larger directory is always streamed and never held whole in memory.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import stat
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,19 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 MAX_CACHED_ENTRIES = 20_000
 NAME_MAX = 255
+# names removed here remembered with their stamp(), for a LIST asked before and answered
+# after a removal (InodeTable.removed_since): LISTs in flight are few, and short
+REMOVED_NAMES = 4096
+
+_stamps = itertools.count(1)
+
+
+def stamp() -> int:
+    """A number above every one handed out before.  Taken when a HEAD or LIST is asked and
+    when this mount changes an object (:attr:`Node.changed`): an answer asked before the
+    change arrives older than what the mount knows (a LIST sent before an append's upload,
+    answered after it) and must not undo it."""
+    return next(_stamps)
 
 
 @dataclass(slots=True)
@@ -66,6 +81,8 @@ class Node:
     server_mtime: float | None = None
     # (etag, size, LastModified) of the listing the metadata index last kept it with
     indexed: tuple[str, int, float] | None = None
+    # stamp() of this mount's last change of its object: answers asked before say less
+    changed: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -109,6 +126,7 @@ class Listing:
 
     entries: dict[str, tuple[bool, int, str, float]]
     fetched: float
+    asked: int = 0  # stamp() of when the LIST was asked (see Node.changed)
     # lookups in the directory that found nothing (from this listing, or from S3 once it had
     # expired): what pays for listing it again (Filesystem._listing)
     misses: int = 0
@@ -136,6 +154,7 @@ class InodeTable:
         self.by_ino: dict[int, Node] = {}
         self.by_path: dict[str, Node] = {}
         self.listings: dict[str, Listing] = {}
+        self._removed: OrderedDict[str, int] = OrderedDict()  # path → stamp() of its removal
         root = Node(ino=ROOT, path="", attrs=root_attrs, fetched=float("inf"))
         root.lookups = 1
         self._add(root)
@@ -214,9 +233,9 @@ class InodeTable:
         return lst
 
     def remember_listing(self, dir_path: str, entries: dict[str, tuple[bool, int, str, float]],
-                         ) -> None:
+                         asked: int) -> None:
         if len(entries) <= MAX_CACHED_ENTRIES:
-            self.listings[dir_path] = Listing(entries, time.monotonic())
+            self.listings[dir_path] = Listing(entries, time.monotonic(), asked)
 
     def missed(self, dir_path: str) -> None:
         """A lookup in ``dir_path`` found nothing: counted on its listing, kept expired (and
@@ -233,10 +252,20 @@ class InodeTable:
             lst.entries[name] = (is_dir, size, "", time.time())
 
     def listing_remove(self, path: str) -> None:
+        """``path`` names nothing any more (removed, renamed away, found gone)."""
         parent, _, name = path.rpartition("/")
         lst = self.listings.get(parent)
         if lst is not None:
             lst.entries.pop(name, None)
+        self._removed.pop(path, None)
+        self._removed[path] = stamp()
+        while len(self._removed) > REMOVED_NAMES:
+            self._removed.popitem(last=False)
+
+    def removed_since(self, path: str, asked: int) -> bool:
+        """Whether ``path`` was removed here after a LIST asked at ``asked``, which may then
+        still show it."""
+        return self._removed.get(path, 0) > asked
 
     def invalidate_listing(self, path: str) -> None:
         """Forget the listings of ``path``, its parent, and every directory below it."""

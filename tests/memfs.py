@@ -180,6 +180,11 @@ class MemFs:
         node = self.fs.inodes.get(await self.ino(path))
         return sorted([name async for name, _ in self.fs._entries(node)])
 
+    async def listed_sizes(self, path: str = "") -> dict[str, int]:
+        """A directory's entries with the size readdirplus would tell the kernel of each."""
+        node = self.fs.inodes.get(await self.ino(path))
+        return {name: n.entry(self.fs.ttl).st_size async for name, n in self.fs._entries(node)}
+
     async def whole(self, path: str) -> bytes:
         fh = await self.open(path, os.O_RDONLY)
         try:

@@ -11,9 +11,11 @@ really protect data is tested against RGW only (test_t2_store, test_t4_*).
 Hooks, for the cases a real server cannot be made to show on demand:
 
 - :meth:`MemStore.fail`: the next calls of an operation (on a key) fail with an errno;
-- :meth:`MemStore.gate`: calls of an operation wait until the test lets them go, so a test
-  can hold an upload in flight and look at what the file layer does meanwhile (an event, not
-  a sleep);
+- :meth:`MemStore.gate`: calls of an operation (on a key; the next few, or all) wait until
+  the test lets them go, so a test can hold an upload in flight, or an answer on its way, and
+  look at what the file layer does meanwhile (an event, not a sleep).  A HEAD's or a LIST's
+  answer is what the bucket held when it was asked, as a server's is: held at a gate, it
+  arrives older than what happened meanwhile;
 - :attr:`MemStore.delay`: seconds each call of an operation takes (trio time; with
   pytest-trio's ``autojump_clock`` no real time), and :attr:`MemStore.peak_in_flight`, the
   most calls of it under way at once;
@@ -72,6 +74,14 @@ class Obj:
 
 
 @dataclass
+class _Gate:
+    op: str
+    key: str | None
+    count: int | None  # calls still to hold (None: every call)
+    event: trio.Event
+
+
+@dataclass
 class _Upload:
     key: str
     sse_c_md5: str | None
@@ -104,7 +114,7 @@ class MemStore:
         self.peak_in_flight: dict[str, int] = {}  # most calls of an op under way at once
         self._in_flight: dict[str, int] = {}
         self._faults: list[list[Any]] = []  # [op, key or None, errno, count]
-        self._gates: dict[str, trio.Event] = {}
+        self._gates: list[_Gate] = []
         self._waiting: dict[str, int] = {}
         self._ids = itertools.count(1)
 
@@ -114,14 +124,15 @@ class MemStore:
         """The next ``count`` calls of ``op`` (on ``key``, or any) fail with ``err``."""
         self._faults.append([op, key, err, count])
 
-    def gate(self, op: str) -> None:
-        """Calls of ``op`` wait from now on until :meth:`release` (see :meth:`waiting`)."""
-        self._gates[op] = trio.Event()
+    def gate(self, op: str, key: str | None = None, count: int | None = None) -> None:
+        """Calls of ``op`` (on ``key``, or any; the next ``count``, or all) wait from now on
+        until :meth:`release` (see :meth:`waiting`)."""
+        self._gates.append(_Gate(op, key, count, trio.Event()))
 
     def release(self, op: str) -> None:
-        ev = self._gates.pop(op, None)
-        if ev is not None:
-            ev.set()
+        for g in [g for g in self._gates if g.op == op]:
+            self._gates.remove(g)
+            g.event.set()
 
     def waiting(self, op: str) -> int:
         """How many calls of ``op`` wait at its gate now."""
@@ -132,7 +143,13 @@ class MemStore:
 
     async def _enter(self, op: str, key: str, detail: Any = None) -> None:
         self.calls.append((op, key, detail))
-        ev = self._gates.get(op)
+        ev = None
+        for g in self._gates:
+            if g.op == op and (g.key is None or g.key == key) and g.count != 0:
+                if g.count is not None:
+                    g.count -= 1
+                ev = g.event
+                break
         if ev is not None:
             self._waiting[op] = self._waiting.get(op, 0) + 1
             try:
@@ -183,8 +200,14 @@ class MemStore:
 
     async def head(self, key: str, sse_key: Key | None, version_id: str | None = None,
                    ) -> ObjectInfo:
+        try:  # the answer is what the bucket holds when the HEAD is asked
+            answer: ObjectInfo | FsError = self._info(key, self._readable(key, sse_key))
+        except FsError as e:
+            answer = e
         await self._enter("head", key)
-        return self._info(key, self._readable(key, sse_key))
+        if isinstance(answer, FsError):
+            raise answer
+        return answer
 
     def can_head_many(self) -> bool:
         return True
@@ -217,8 +240,7 @@ class MemStore:
                          ) -> AsyncIterator[ListPage]:
         """ListObjectsV2: keys in order, common prefixes folded, ``page_size`` entries (of
         both kinds) a page, as S3 counts MaxKeys."""
-        await self._enter("list", prefix)
-        entries: list[tuple[str, ObjectInfo | None]] = []
+        entries: list[tuple[str, ObjectInfo | None]] = []  # as the bucket is when asked
         seen_prefixes: set[str] = set()
         for key in sorted(self.objects):
             if not key.startswith(prefix) or (start_after and key <= start_after):
@@ -232,8 +254,7 @@ class MemStore:
                 continue
             entries.append((key, self._info(key, self.objects[key])))
         for i in range(0, max(len(entries), 1), page_size):
-            if i:
-                await self._enter("list", prefix)
+            await self._enter("list", prefix)
             chunk = entries[i:i + page_size]
             yield ListPage(prefixes=[k for k, o in chunk if o is None],
                            objects=[ObjectInfo(key=o.key, size=o.size, etag=o.etag,

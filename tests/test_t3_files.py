@@ -26,9 +26,10 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from memfs import BS, PS, Sizes, memfs, settle
+from memfs import BS, CTX, PS, Sizes, memfs, settle
 from memstore import AWS, MemStore, Server
 
+from s3ssefs.inodes import ROOT
 from s3ssefs.keys import Key
 
 
@@ -420,3 +421,118 @@ async def test_a_large_file_changed_after_a_key_rotation_is_whole_under_the_new_
         assert sent == [4]  # only the patched part; the others copied
     else:
         assert sorted(sent) == list(range(1, 10))  # refused copies: every part sent
+
+
+# --- answers older than this mount's own changes ------------------------------------------------
+
+
+async def test_a_listing_answered_after_an_append_here_does_not_undo_it(
+        key: Key, tmp_path: Path) -> None:
+    """A directory listed (by any program) while a program appends to a file in it: the
+    LIST's answer, asked before the append's upload and arriving after it, shows the old
+    size.  The mount must not take it over what it wrote itself: neither the listing nor a
+    stat afterwards may show the old size (the kernel would cut the next read of the file
+    there: test_t6_faults' sixteen processes saw an append vanish)."""
+    store = MemStore()
+    async with memfs(store, key, tmp_path) as m:
+        await m.put_file("f", data(100))
+        listed: dict[str, int] = {}
+
+        async def ls() -> None:
+            listed.update(await m.listed_sizes(""))
+
+        async with trio.open_nursery() as n:
+            store.gate("list")
+            n.start_soon(ls)
+            await settle()
+            assert store.waiting("list") == 1  # asked; its answer is on its way
+            fh = await m.open("f", os.O_WRONLY)
+            await m.write(fh, 100, data(50, 1))
+            await m.close(fh)
+            store.release("list")
+        assert listed == {"f": 150}
+        assert await m.size("f") == 150
+        assert await m.whole("f") == data(100) + data(50, 1)
+
+
+async def test_a_head_answered_after_an_append_here_does_not_undo_it(
+        key: Key, tmp_path: Path) -> None:
+    """The same for a HEAD the mount sends ahead of lookups (after a listing, for the names
+    after the one looked up): asked before a program's append reached S3, answered after,
+    it shows the object as it was; a stat afterwards shows what was appended."""
+    store = MemStore()
+    async with memfs(store, key, tmp_path) as m:
+        await m.put_file("a", data(10))
+        await m.put_file("f", data(100))
+        f_ino = await m.ino("f")
+        # another client rewrites both: the listing shows them changed, a lookup of "a"
+        # sends a HEAD ahead for "f"
+        await store.put("a", data(20, 2), key, {})
+        await store.put("f", data(120, 3), key, {})
+        assert await m.names("") == ["a", "f"]
+        store.gate("head", key="f", count=1)
+        async with trio.open_nursery() as n:
+            n.start_soon(m.ino, "a")
+            await settle()
+            assert store.waiting("head") == 1  # the HEAD ahead for "f", held
+            # the program opens "f" by the name the kernel still knows, appends, closes
+            fh = (await m.fs.open(f_ino, os.O_WRONLY, CTX)).fh
+            await m.write(fh, 120, data(30, 4))
+            await m.close(fh)
+            store.release("head")
+            await settle()  # the old answer is in
+        assert await m.size("f") == 150
+        assert await m.whole("f") == data(120, 3) + data(30, 4)
+
+
+async def test_the_kernel_is_told_when_a_head_ahead_finds_a_file_changed(
+        key: Key, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HEAD sent ahead of lookups that finds a file other than the listing showed (another
+    client wrote it again meanwhile) makes the kernel drop the attributes it holds: otherwise
+    an open finds nothing new (the mount already knows) and the kernel cuts the read at the
+    size it was told before."""
+    told: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode",
+                        lambda ino, attr_only=False: told.append(ino))
+    store = MemStore()
+    async with memfs(store, key, tmp_path) as m:
+        await m.put_file("a", data(10))
+        await m.put_file("f", data(100))
+        f_ino = await m.ino("f")
+        await store.put("a", data(20, 2), key, {})
+        await store.put("f", data(120, 3), key, {})
+        assert await m.listed_sizes("") == {"a": 20, "f": 120}  # what the kernel is told
+        await store.put("f", data(140, 5), key, {})  # and again, after the listing
+        told.clear()
+        await m.ino("a")  # sends the HEAD ahead for "f"
+        await settle()
+        assert f_ino in told
+        assert (await m.fs.getattr(f_ino, CTX)).st_size == 140
+
+
+async def test_a_listing_answered_after_a_removal_here_does_not_bring_it_back(
+        key: Key, tmp_path: Path) -> None:
+    """A LIST asked before a file and a directory were removed here, answered after: the
+    listing shows neither (the kernel would otherwise hold entries for names that are gone,
+    and a program's create of the name would meet a file that is not there)."""
+    store = MemStore()
+    async with memfs(store, key, tmp_path) as m:
+        await m.put_file("f", data(100))
+        await m.put_file("g", data(10))
+        await m.mkdir("d")
+        listed: dict[str, int] = {}
+
+        async def ls() -> None:
+            listed.update(await m.listed_sizes(""))
+
+        async with trio.open_nursery() as n:
+            store.gate("list", key="", count=1)  # this listing of the root; rmdir's own passes
+            n.start_soon(ls)
+            await settle()
+            assert store.waiting("list") == 1
+            await m.unlink("f")
+            await m.fs.rmdir(ROOT, b"d", CTX)
+            store.release("list")
+        assert sorted(listed) == ["g"]
+        assert await m.names("") == ["g"]
+        assert not await m.exists("f")
