@@ -21,12 +21,13 @@ import dataclasses
 import errno
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
-from memfs import BS, CTX, PS, Sizes, memfs, settle
+from memfs import BS, CTX, PS, MemFs, Sizes, memfs, settle
 from memstore import AWS, MemStore, Server
 
 from s3ssefs.inodes import ROOT
@@ -426,6 +427,25 @@ async def test_a_large_file_changed_after_a_key_rotation_is_whole_under_the_new_
 # --- answers older than this mount's own changes ------------------------------------------------
 
 
+async def listed_around(m: MemFs, store: MemStore,
+                        change: Callable[[], Awaitable[None]]) -> dict[str, int]:
+    """The root's entries (name → size the kernel is told) from a LIST asked before
+    ``change`` and answered after it."""
+    listed: dict[str, int] = {}
+
+    async def ls() -> None:
+        listed.update(await m.listed_sizes(""))
+
+    async with trio.open_nursery() as n:
+        store.gate("list", key="", count=1)  # this LIST; others (rmdir's) pass
+        n.start_soon(ls)
+        await settle()
+        assert store.waiting("list") == 1  # asked; its answer is on its way
+        await change()
+        store.release("list")
+    return listed
+
+
 async def test_a_listing_answered_after_an_append_here_does_not_undo_it(
         key: Key, tmp_path: Path) -> None:
     """A directory listed (by any program) while a program appends to a file in it: the
@@ -436,21 +456,13 @@ async def test_a_listing_answered_after_an_append_here_does_not_undo_it(
     store = MemStore()
     async with memfs(store, key, tmp_path) as m:
         await m.put_file("f", data(100))
-        listed: dict[str, int] = {}
 
-        async def ls() -> None:
-            listed.update(await m.listed_sizes(""))
-
-        async with trio.open_nursery() as n:
-            store.gate("list")
-            n.start_soon(ls)
-            await settle()
-            assert store.waiting("list") == 1  # asked; its answer is on its way
+        async def append() -> None:
             fh = await m.open("f", os.O_WRONLY)
             await m.write(fh, 100, data(50, 1))
             await m.close(fh)
-            store.release("list")
-        assert listed == {"f": 150}
+
+        assert await listed_around(m, store, append) == {"f": 150}
         assert await m.size("f") == 150
         assert await m.whole("f") == data(100) + data(50, 1)
 
@@ -520,19 +532,11 @@ async def test_a_listing_answered_after_a_removal_here_does_not_bring_it_back(
         await m.put_file("f", data(100))
         await m.put_file("g", data(10))
         await m.mkdir("d")
-        listed: dict[str, int] = {}
 
-        async def ls() -> None:
-            listed.update(await m.listed_sizes(""))
-
-        async with trio.open_nursery() as n:
-            store.gate("list", key="", count=1)  # this listing of the root; rmdir's own passes
-            n.start_soon(ls)
-            await settle()
-            assert store.waiting("list") == 1
+        async def remove() -> None:
             await m.unlink("f")
             await m.fs.rmdir(ROOT, b"d", CTX)
-            store.release("list")
-        assert sorted(listed) == ["g"]
+
+        assert sorted(await listed_around(m, store, remove)) == ["g"]
         assert await m.names("") == ["g"]
         assert not await m.exists("f")

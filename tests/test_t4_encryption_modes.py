@@ -19,16 +19,12 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
-import http.client
 import os
 import re
 import shlex
-import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from botocore.exceptions import ClientError
 from conftest import S3SSEFS, Rgw, assert_no_key_material
-from faultproxy import make_leaf_cert
+from faultproxy import S3Proxy
 
 from s3ssefs.config import MountConfig
 from s3ssefs.errors import FsError
@@ -53,75 +49,28 @@ KMS_KEY = "testkey-1"  # rgw_crypt_s3_kms_encryption_keys in tests/rgw-up.sh
 # --- a proxy that makes RGW look like a server storing plaintext ----------------------------
 
 
-class EchoStrippingProxy:
-    """HTTPS reverse proxy to the server that drops every ``x-amz-server-side-encryption*``
-    response header while ``strip`` is set.  It serves a certificate for 127.0.0.1 signed by
-    the server's test CA, so clients verify it exactly as they verify the server."""
+class EchoStrippingProxy(S3Proxy):
+    """:class:`faultproxy.S3Proxy` to the server, dropping every
+    ``x-amz-server-side-encryption*`` response header while ``strip`` is set: a server that
+    stores what it is sent in plaintext and says nothing of keys."""
 
     def __init__(self, rgw: Rgw, workdir: Path) -> None:
-        up = urlsplit(rgw.endpoint)
-        self.upstream = (up.hostname or "127.0.0.1", up.port or 443)
-        self.client_ctx = ssl.create_default_context(cafile=str(rgw.ca))
-        crt, crt_key = make_leaf_cert(rgw.ca, rgw.ca.parent / "ca.key", workdir)
-        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_ctx.load_cert_chain(crt, crt_key)
+        super().__init__(rgw.endpoint, rgw.ca, workdir)
         self.strip = True
         self.stripped = 0
-        self._lock = threading.Lock()
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                conn = http.client.HTTPSConnection(*proxy.upstream, context=proxy.client_ctx,
-                                                   timeout=300)
-                try:
-                    conn.putrequest(self.command, self.path, skip_host=True,
-                                    skip_accept_encoding=True)
-                    for name, value in self.headers.items():
-                        if name.lower() not in ("expect", "connection"):
-                            conn.putheader(name, value)
-                    conn.endheaders(body)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response_only(resp.status, resp.reason)
-                for name, value in resp.getheaders():
-                    low = name.lower()
-                    if low in ("transfer-encoding", "connection", "content-length"):
-                        continue
-                    if proxy.strip and low.startswith("x-amz-server-side-encryption"):
-                        with proxy._lock:
-                            proxy.stripped += 1
-                        continue
-                    self.send_header(name, value)
-                length_out = (resp.getheader("Content-Length") or "0"
-                              if self.command == "HEAD" else str(len(data)))
-                self.send_header("Content-Length", length_out)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.socket = server_ctx.wrap_socket(self.server.socket, server_side=True,
-                                                    do_handshake_on_connect=False)
-        self.endpoint = f"https://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def _answer_after(self, method: str, path: str, keyed: bool, status: int,
+                      headers: list[tuple[str, str]], data: bytes,
+                      ) -> tuple[int, list[tuple[str, str]], bytes]:
+        status, headers, data = super()._answer_after(method, path, keyed, status, headers,
+                                                      data)
+        if self.strip:
+            kept = [(k, v) for k, v in headers
+                    if not k.lower().startswith("x-amz-server-side-encryption")]
+            with self._lock:
+                self.stripped += len(headers) - len(kept)
+            headers = kept
+        return status, headers, data
 
 
 @pytest.fixture
