@@ -467,6 +467,18 @@ async def test_a_listing_answered_after_an_append_here_does_not_undo_it(
         assert await m.whole("f") == data(100) + data(50, 1)
 
 
+async def written_then_changed_elsewhere(m: MemFs, store: MemStore, key: Key) -> int:
+    """Files "a" (10 bytes) and "f" (100) written through the mount, then rewritten by another
+    client (20 and 120 bytes): a listing shows both changed, and a lookup of "a" sends a HEAD
+    ahead for "f".  The inode of "f", which the kernel keeps."""
+    await m.put_file("a", data(10))
+    await m.put_file("f", data(100))
+    f_ino = await m.ino("f")
+    await store.put("a", data(20, 2), key, {})
+    await store.put("f", data(120, 3), key, {})
+    return f_ino
+
+
 async def test_a_head_answered_after_an_append_here_does_not_undo_it(
         key: Key, tmp_path: Path) -> None:
     """The same for a HEAD the mount sends ahead of lookups (after a listing, for the names
@@ -474,13 +486,7 @@ async def test_a_head_answered_after_an_append_here_does_not_undo_it(
     it shows the object as it was; a stat afterwards shows what was appended."""
     store = MemStore()
     async with memfs(store, key, tmp_path) as m:
-        await m.put_file("a", data(10))
-        await m.put_file("f", data(100))
-        f_ino = await m.ino("f")
-        # another client rewrites both: the listing shows them changed, a lookup of "a"
-        # sends a HEAD ahead for "f"
-        await store.put("a", data(20, 2), key, {})
-        await store.put("f", data(120, 3), key, {})
+        f_ino = await written_then_changed_elsewhere(m, store, key)
         assert await m.names("") == ["a", "f"]
         store.gate("head", key="f", count=1)
         async with trio.open_nursery() as n:
@@ -508,11 +514,7 @@ async def test_the_kernel_is_told_when_a_head_ahead_finds_a_file_changed(
                         lambda ino, attr_only=False: told.append(ino))
     store = MemStore()
     async with memfs(store, key, tmp_path) as m:
-        await m.put_file("a", data(10))
-        await m.put_file("f", data(100))
-        f_ino = await m.ino("f")
-        await store.put("a", data(20, 2), key, {})
-        await store.put("f", data(120, 3), key, {})
+        f_ino = await written_then_changed_elsewhere(m, store, key)
         assert await m.listed_sizes("") == {"a": 20, "f": 120}  # what the kernel is told
         await store.put("f", data(140, 5), key, {})  # and again, after the listing
         told.clear()
