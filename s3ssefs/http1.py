@@ -35,13 +35,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 MAX_HEAD = 64 << 10  # an answer's status line and headers; S3's are ~1 KiB
 _RECV = 64 << 10
-RAW_READ = 256 << 10  # encrypted bytes read from a TLS connection's socket at a time
 _NO_BODY = frozenset({204, 304})
 _SMALL_BODY = 16 << 10  # a request body sent in one record with its head
 ANSWERS_KEPT = 256  # answer times kept for fastest_answer(): of small answers...
@@ -114,92 +110,12 @@ class Response:
         self.body = body
 
 
-class _TlsSocket:
-    """TLS over a plain socket through memory BIOs: the socket is read RAW_READ bytes at a
-    time and OpenSSL decrypts from memory.
-
-    ``SSLSocket.recv_into`` reads one TLS record (16 KiB) per call, with a system call, a
-    TCP receive and often an ACK to the server for each; a streaming GET's body thus cost
-    hundreds of system calls per MiB, a large share of a cold read's CPU.  Here one ``recv``
-    brings many records and each record's decryption is a call into OpenSSL on memory.  The
-    methods are those of a socket that :class:`_Conn` and :class:`Pool` use, with
-    ``SSLSocket``'s meaning (the end of the stream, clean or not, reads as 0 bytes)."""
-
-    __slots__ = ("_in", "_out", "_raw", "_tls", "_view")
-
-    def __init__(self, raw: socket.socket, tls: ssl.SSLContext, host: str) -> None:
-        self._raw = raw
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = tls.wrap_bio(self._in, self._out, server_hostname=host)
-        self._view = memoryview(bytearray(RAW_READ))
-        self._call(self._tls.do_handshake)
-
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the TLS object, reading the socket while it wants more bytes and
-        sending what it wrote (handshake messages, alerts) each time."""
-        while True:
-            try:
-                out = fn(*args)
-            except ssl.SSLWantReadError:
-                self._flush()
-                k = self._raw.recv_into(self._view)
-                if k:
-                    self._in.write(self._view[:k])
-                elif self._in.eof:
-                    raise ssl.SSLEOFError("EOF in violation of protocol") from None
-                else:
-                    self._in.write_eof()
-                continue
-            self._flush()
-            return out
-
-    def _flush(self) -> None:
-        if self._out.pending:
-            self._raw.sendall(self._out.read())
-
-    def _read(self, n: int, into: memoryview | None = None) -> bytes | int:
-        try:
-            return self._call(self._tls.read, n) if into is None else \
-                self._call(self._tls.read, n, into)
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return b"" if into is None else 0
-
-    def recv(self, n: int) -> bytes:
-        out = self._read(n)
-        assert isinstance(out, bytes)
-        return out
-
-    def recv_into(self, view: memoryview, n: int) -> int:
-        out = self._read(n, view)
-        assert isinstance(out, int)
-        return out
-
-    def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        sent = 0
-        while sent < len(view):
-            sent += self._call(self._tls.write, view[sent:sent + RAW_READ])
-
-    def pending(self) -> int:
-        """Bytes received and not yet read: decrypted, or still encrypted."""
-        return self._tls.pending() + self._in.pending
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._raw.settimeout(timeout)
-
-    def close(self) -> None:
-        self._raw.close()
-
-
 class _Conn:
     """One connection and the bytes read past the last answer (none, with no pipelining)."""
 
     __slots__ = ("buf", "reused", "sock")
 
-    def __init__(self, sock: socket.socket | _TlsSocket) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
         self.reused = False
@@ -261,14 +177,13 @@ class Pool:
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn: socket.socket | _TlsSocket = sock
             if self.tls is not None:
-                conn = _TlsSocket(sock, self.tls, self.host)
-            conn.settimeout(self.read_timeout)
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(self.read_timeout)
         except BaseException:
             sock.close()
             raise
-        return _Conn(conn)
+        return _Conn(sock)
 
     def _take(self) -> _Conn:
         """The most recently used idle connection still open, else a new one."""
@@ -459,9 +374,9 @@ def _chunked(conn: _Conn) -> bytearray:
             raise ConnectionLost("chunk not followed by CRLF")
 
 
-def _dropped(sock: socket.socket | _TlsSocket) -> bool:
+def _dropped(sock: socket.socket) -> bool:
     """An idle connection is readable only if the server closed it (or broke protocol)."""
-    if isinstance(sock, _TlsSocket) and sock.pending():
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     try:
         p = select.poll()
