@@ -453,6 +453,7 @@ class Ctx:
     s3: S3 | None = None
     systems: dict = field(default_factory=dict)
     fio_start: float = 0.0  # see fio_start_up
+    fio_start_cpu: tuple[float, float] = (0.0, 0.0)  # (user + system, system) s, the same
     cg_parent: Path | None = None  # see CpuMeter
     read_bucket: str = ""  # the objects every system reads (see seed_read_bucket)
 
@@ -488,6 +489,10 @@ class System:
         self.proc: subprocess.Popen | None = None
         self.bucket = ""
         self.meter = CpuMeter(ctx.cg_parent, self.name)
+        # CPU of fio's start-ups and exits on this system so far, taken off its CPU as their
+        # time is taken off fio's times (fio_start_up): the library workers' start-up is not
+        # counted either
+        self.start_up_cpu = (0.0, 0.0)
         self.prepare()
 
     # -- hooks
@@ -607,8 +612,10 @@ class System:
         self.mount()
 
     def cpu(self) -> tuple[float, float]:
-        """(user + system, system) seconds of this system's client side so far."""
-        return self.meter.read(self.proc.pid if self.proc is not None else None)
+        """(user + system, system) seconds of this system's client side so far, fio's
+        start-ups not counted."""
+        total, system = self.meter.read(self.proc.pid if self.proc is not None else None)
+        return total - self.start_up_cpu[0], system - self.start_up_cpu[1]
 
     def path(self, rel: str) -> Path:
         return self.mnt / rel
@@ -819,24 +826,31 @@ DEFAULT_SYSTEMS = ("s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full
 
 
 # --------------------------------------------------------------------------------- fio
-def fio_start_up(work: Path) -> float:
-    """fio's own start-up and exit: the shortest of 3 runs reading 1 MiB of a local file.
+def fio_start_up(work: Path) -> tuple[float, tuple[float, float]]:
+    """fio's own start-up and exit: the shortest of 3 runs reading 1 MiB of a local file,
+    in wall seconds and in CPU (user + system, system) seconds.
 
     Every fio time is taken from exec to exit, so open and close on the mount are in it, and
     so is this fixed ~0.3 s that no mount can shorten.  The boto3 worker's clock starts after
     Python, boto3 and the client are loaded; subtracting fio's start-up from fio's times makes
-    the two measure the same thing (on a 1 GiB read at 430 MiB/s it is 12% of the time)."""
+    the two measure the same thing (on a 1 GiB read at 430 MiB/s it is 12% of the time).  The
+    same goes for CPU: fio's start-up takes ~0.1 CPU s, 0.4 s/GiB on a 256 MiB workload, which
+    the workers' CPU does not include either."""
     f = work / "fio-start-up.bin"
     f.write_bytes(os.urandom(MiB))
-    walls = []
+    walls, cpus = [], []
     for _ in range(3):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         subprocess.run(["fio", "--output-format=json", "--name=start", "--rw=read", "--bs=1M",
                         "--size=1M", "--readonly", f"--filename={f}", *FIO_COMMON],
                        check=True, capture_output=True)
         walls.append(time.monotonic() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                     r1.ru_stime - r0.ru_stime))
     f.unlink()
-    return min(walls)
+    return min(walls), min(cpus)
 
 
 def fio(sysm: System, args: list[str], jobfile: str | None = None) -> tuple[float, dict]:
@@ -849,6 +863,8 @@ def fio(sysm: System, args: list[str], jobfile: str | None = None) -> tuple[floa
         cmd.append(str(jf))
     cmd += args
     wall, stdout = sysm.run(cmd)
+    sysm.start_up_cpu = (sysm.start_up_cpu[0] + sysm.ctx.fio_start_cpu[0],
+                         sysm.start_up_cpu[1] + sysm.ctx.fio_start_cpu[1])
     try:
         out = json.loads(stdout[stdout.index("{"):])
     except ValueError:
@@ -945,18 +961,22 @@ class Runner:
     # -- workloads
     def w_write(self) -> None:
         ctx, b, size = self.ctx, self.sys.bucket, self.ctx.size
+        if self.sys.is_mount:  # set-up, untimed (a child process's start-up, as in w_small)
+            self.sys.fsop(op="mkdir", path=str(self.sys.path("bench")))
         with self.cpu_of("write", size / GiB):
             t0 = time.monotonic()
             if self.sys.is_mount:
-                self.sys.fsop(op="mkdir", path=str(self.sys.path("bench")))
                 # create_on_open: one open(O_CREAT) then the writes, as cp/dd do (without it
                 # fio creates the file empty, closes it and reopens it: s3fs then takes another
                 # upload path, one that does send SSE-C on its multipart parts)
-                fio(self.sys, ["--name=write", "--rw=write", "--bs=1M", f"--size={size}",
-                          "--create_on_open=1", f"--filename={self.sys.path(BIG)}", *FIO_COMMON])
-                t_close = time.monotonic()
+                wall, _ = fio(self.sys, ["--name=write", "--rw=write", "--bs=1M",
+                                         f"--size={size}", "--create_on_open=1",
+                                         f"--filename={self.sys.path(BIG)}", *FIO_COMMON])
+                # fio's time and the listing's, less fio's start-up and exit (fio_start_up),
+                # as for every other fio time: the library worker's clock starts after its own
+                t_close = t0 + wall
                 t_dur = self.s3.wait_until(b, BIG, lambda ls: ls.get(BIG) == size,
-                                           ctx.args.timeout)
+                                           ctx.args.timeout) - ctx.fio_start
             else:
                 r = self.sys.worker("put_big", key=BIG, size=size)
                 t_close = t_dur = t0 + r["wall"]
@@ -1700,9 +1720,10 @@ def main(argv: list[str] | None = None) -> int:
     round_s: list[float] = []
     try:
         log(f"warm-up: wrote and deleted {fmt_size(size)} in {ctx.s3.warm_up(size):.1f} s")
-        ctx.fio_start = fio_start_up(work)
-        log(f"fio starts and exits in {ctx.fio_start:.3f} s: taken off every fio time (the "
-            "library workers' clocks start after their start-up)")
+        ctx.fio_start, ctx.fio_start_cpu = fio_start_up(work)
+        log(f"fio starts and exits in {ctx.fio_start:.3f} s, {ctx.fio_start_cpu[0]:.3f} CPU s: "
+            "taken off every fio time and CPU (the library workers' clocks and CPU count start "
+            "after their start-up)")
         seed_read_bucket(ctx, [w for w in workloads if w in READ_WORKLOADS])
         for rnd in range(1, args.runs + 1):
             t_round = time.monotonic()
@@ -1735,6 +1756,7 @@ def main(argv: list[str] | None = None) -> int:
                    "elapsed_s": round(time.monotonic() - t_start, 1), "round_s": round_s,
                    "cpu_method": cpu_method, "read_bucket_writer": "boto3, 8 MiB parts",
                    "runs": args.runs, "fio_start_up_s": ctx.fio_start,
+                   "fio_start_up_cpu_s": ctx.fio_start_cpu[0],
                    "interrupted": interrupted, "systems": names, "workloads": workloads,
                    "sizes": {"big": size, "par_size": ctx.par_size, "par_n": ctx.par_n,
                              "rename": ctx.rename_size, "small_n": ctx.small_n,
