@@ -20,8 +20,12 @@ key file) is discarded whole with one log line and started afresh; so is the who
 one entry fails authentication: nothing of a tampered file is trusted.
 
 Bounded by ``meta_index_size``: past it, the entries least recently used (counted in mount
-sessions) are dropped.  Memory: nothing per entry beyond SQLite's page cache and the entries
-waiting to be written.  Blocking work runs in worker threads, one call at a time.
+sessions) are dropped.  An entry's use is kept per directory, not per entry: a listing reads
+a directory's entries together, and marking each one read in every session rewrote the whole
+index on every remount (as much CPU as the rest of ``ls -l``).  An entry counts as used in
+the last session that wrote it or read any entry of its directory.  Memory: nothing per entry
+beyond SQLite's page cache and the entries waiting to be written.  Blocking work runs in
+worker threads, one call at a time.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from s3ssefs.store import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"
+FORMAT = "2"
 LABEL = b"s3ssefs metadata index v1\0"
 CHECK = b"s3ssefs metadata index"
 FLUSH_AT = 512  # entries noted before a write to disk starts
@@ -57,7 +61,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (id BLOB PRIMARY KEY, used INTEGER NOT NULL,
                                     sealed BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dirs (dir BLOB PRIMARY KEY, used INTEGER NOT NULL) WITHOUT ROWID;
 """
+DIR_ID = 8  # bytes of an entry's id that name its directory (MetaIndex._id)
 
 
 class _Unusable(Exception):
@@ -130,9 +136,11 @@ class MetaIndex:
         self._cipher: LocalCipher | None = None
         self._name_key = b""
         self._session = 0
-        # trio thread only: entries noted (None: forgotten) and ids read, not yet written
+        # trio thread only: entries noted (None: forgotten) and the directories read from,
+        # not yet written; the directories marked used this session already
         self._pending: dict[str, Entry | None] = {}
         self._touched: set[bytes] = set()
+        self._marked: set[bytes] = set()
         self._flush_lock = trio.Lock()
         self._flush_due = False
         with self._lock:
@@ -255,7 +263,7 @@ class MetaIndex:
         if ask:
             got, touched = await workers.run_sync(self._lookup, ask)
             found.update(got)
-            self._touched |= touched
+            self._touched |= touched - self._marked
         if self.stats is not None and found:
             self.stats.add("meta_index_hits", len(found))
         return found
@@ -273,16 +281,15 @@ class MetaIndex:
                 for i in range(0, len(keys), QUERY_CHUNK):
                     chunk = keys[i:i + QUERY_CHUNK]
                     rows = self._db.execute(
-                        "SELECT id, used, sealed FROM entries WHERE id IN "
+                        "SELECT id, sealed FROM entries WHERE id IN "
                         f"({','.join('?' * len(chunk))})", chunk).fetchall()
-                    for rid, used, sealed in rows:
+                    for rid, sealed in rows:
                         rid = bytes(rid)
                         s3key, etag, size, mtime = ids[rid]
                         e = Entry.unpack(self._cipher.open(sealed, rid))
                         if e.matches(etag, size, mtime):
                             found[s3key] = e
-                            if used < self._session:
-                                touched.add(rid)
+                            touched.add(rid[:DIR_ID])
             except (sqlite3.DatabaseError, CorruptBlock, ValueError, TypeError, KeyError) as e:
                 if not _busy(e):
                     self._discard(f"unreadable: {e}")
@@ -315,6 +322,7 @@ class MetaIndex:
                 return
             pending, self._pending = self._pending, {}
             touched, self._touched = self._touched, set()
+            self._marked |= touched
             await workers.run_sync(self._write, pending, touched)
 
     def close(self) -> None:
@@ -340,8 +348,8 @@ class MetaIndex:
             try:
                 with self._db:
                     self._db.executemany("DELETE FROM entries WHERE id=?", drop)
-                    self._db.executemany("UPDATE entries SET used=? WHERE id=?",
-                                         [(self._session, rid) for rid in touched])
+                    self._db.executemany("INSERT OR REPLACE INTO dirs(dir, used) VALUES (?, ?)",
+                                         [(d, self._session) for d in touched])
                     self._bound(sum(len(p[2]) + ROW_EXTRA for p in put))
                     self._db.executemany(
                         "INSERT OR REPLACE INTO entries(id, used, sealed) VALUES (?, ?, ?)", put)
@@ -373,8 +381,12 @@ class MetaIndex:
         keep = max(0, int((KEEP * self.max_bytes - incoming) / per_entry))
         if keep >= count:
             return
-        self._db.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries "
-                         "ORDER BY used LIMIT ?)", (count - keep,))
+        self._db.execute(
+            "DELETE FROM entries WHERE id IN (SELECT e.id FROM entries e LEFT JOIN dirs d "
+            f"ON d.dir = substr(e.id, 1, {DIR_ID}) "
+            "ORDER BY max(e.used, coalesce(d.used, 0)) LIMIT ?)", (count - keep,))
+        self._db.execute(f"DELETE FROM dirs WHERE dir NOT IN (SELECT substr(id, 1, {DIR_ID}) "
+                         "FROM entries)")
         log.debug("metadata index: dropped %d old entries (bound %d bytes)", count - keep,
                   self.max_bytes)
 
