@@ -9,6 +9,7 @@ turned into ``FUSEError`` in one place (:func:`_fuse_errors`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -818,7 +819,7 @@ class Filesystem(pyfuse3.Operations):
         self._listed[dpath] = order
         while len(self._listed) > LISTED_DIRS:
             self._listed.popitem(last=False)
-        async for page in self.view.list_pages(prefix, delimiter="/"):
+        async for page in self._pages_ahead(prefix):
             dirs, files = self._page_names(dpath, prefix, page)
             results: dict[str, Node] = {}
             stale: dict[str, tuple[bool, int, str, float]] = {}
@@ -870,6 +871,40 @@ class Filesystem(pyfuse3.Operations):
                     yield name, node
         if complete:
             self.inodes.remember_listing(dpath, remembered)
+
+    async def _pages_ahead(self, prefix: str) -> AsyncIterator[ListPage]:
+        """The listing pages of directory ``prefix``, the next one asked for while this one
+        is used (one page ahead, a task in the mount's nursery): a large directory's pages
+        cost the wait for each LIST or the work on the page before it (index, nodes, the
+        kernel's copy), whichever is longer, not both.  The task stops once the pages are
+        no longer wanted (the channel closed)."""
+        nursery = self.ctx.nursery
+        if nursery is None:
+            async for page in self.view.list_pages(prefix, delimiter="/"):
+                yield page
+            return
+        send: trio.MemorySendChannel[ListPage | Exception]
+        recv: trio.MemoryReceiveChannel[ListPage | Exception]
+        send, recv = trio.open_memory_channel(0)
+
+        async def produce() -> None:
+            async with send:
+                try:
+                    async for page in self.view.list_pages(prefix, delimiter="/"):
+                        await send.send(page)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # nobody reads the pages any more
+                except Exception as e:  # the reader raises it
+                    with contextlib.suppress(trio.BrokenResourceError,
+                                             trio.ClosedResourceError):
+                        await send.send(e)
+
+        nursery.start_soon(produce)
+        async with recv:
+            async for item in recv:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
 
     def _page_names(self, dpath: str, prefix: str, page: ListPage,
                     ) -> tuple[dict[str, str], dict[str, ObjectInfo]]:
