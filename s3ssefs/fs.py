@@ -44,7 +44,7 @@ from s3ssefs.meta import (
     storable_xattr_name,
     xattr_room,
 )
-from s3ssefs.metaindex import Entry, MetaIndex
+from s3ssefs.metaindex import Entry, MetaIndex, settled
 from s3ssefs.store import ListPage, ObjectInfo, ObjectStore
 from s3ssefs.view import LiveView
 
@@ -523,10 +523,12 @@ class Filesystem(pyfuse3.Operations):
 
     def _index_note(self, node: Node, hint: tuple[bool, int, str, float], info: ObjectInfo,
                     key: Key | None) -> None:
-        """Keep what a HEAD said of a listed file, if the object is still the one the listing
-        showed (a HEAD's LastModified is the listing's, to the second)."""
+        """Keep what a HEAD said (just now) of a listed file, if the object is still the one
+        the listing showed (a HEAD's LastModified is the listing's, to the second) and the
+        listing could show a later change (:func:`~s3ssefs.metaindex.settled`)."""
         if self.index is None or hint[0] or not hint[2] or \
-                (info.etag, info.size, int(info.mtime)) != (hint[2], hint[1], int(hint[3])):
+                (info.etag, info.size, int(info.mtime)) != (hint[2], hint[1], int(hint[3])) or \
+                not settled(hint[3], time.time()):
             return
         node.indexed = (hint[2], hint[1], hint[3])
         self._index_flush(self.index.note(self.s3key(node.path), Entry(
@@ -537,11 +539,18 @@ class Filesystem(pyfuse3.Operations):
         """Keep what this mount knows of a listed file it has fresh attributes of (it wrote
         or HEADed it) when the listing shows the object it knows: same ETag and size, and
         the LastModified its HEAD said, to the second (after a write from here that is not
-        known, and the listing's is taken)."""
+        known, and the listing's is taken); and only if it learnt that late enough for the
+        listing to show a later change (:func:`~s3ssefs.metaindex.settled`).  What a HEAD
+        said is kept only if the HEAD came after the listed LastModified's second had ended:
+        the HEAD counts seconds, so a listing's object changed in the same second as the one
+        it saw (metadata alone: same ETag and size) would otherwise pass for it."""
+        known_at = time.time() - (time.monotonic() - node.fetched)
         if self.index is None or node.locked or not node.remote or node.is_dir or \
                 node.etag != o.etag or node.attrs.size != o.size or node.data is not None or \
                 node.indexed == (o.etag, o.size, o.mtime) or \
-                (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)):
+                (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)) or \
+                not settled(float(int(o.mtime)) if node.server_mtime is not None else o.mtime,
+                            known_at):
             return
         node.indexed = (o.etag, o.size, o.mtime)
         self._index_node(node)

@@ -9,6 +9,13 @@ for the HEAD.  Whatever changes an object in S3 gives it a new LastModified, a c
 metadata alone included (CopyObject with ``MetadataDirective=REPLACE``, a re-PUT of the same
 bytes, which on RGW keeps the ETag), so a changed object no longer matches and is HEADed again.
 
+But a listing may count LastModified in whole seconds (AWS, LocalStack; RGW counts
+milliseconds): a metadata-only change in the same second as the write before it shows the same
+ETag, size and LastModified.  So what was learnt of an object (a HEAD's answer, or a write from
+this mount) is kept only once that second had passed when it was learnt, with :data:`SETTLE`
+seconds to spare for a request in flight and the two clocks (:func:`settled`); an object
+changed just before its HEAD is HEADed again at the next mount, and kept then.
+
 One index per endpoint, bucket and prefix, a SQLite file under the cache directory, so a mount
 of the same bucket on another mount point finds it too.  SQLite gives crash safety: a commit
 (write-ahead log) is all or nothing, so a daemon killed mid-write leaves the last committed
@@ -56,6 +63,7 @@ CHECK = b"s3ssefs metadata index"
 FLUSH_AT = 512  # entries noted before a write to disk starts
 QUERY_CHUNK = 500  # ids per SELECT
 KEEP = 0.9  # share of the bound left filled after dropping old entries
+SETTLE = 2.0  # seconds past a whole-second LastModified before what a HEAD says is kept
 ROW_EXTRA = 40  # bytes an entry takes in the file beyond its sealed blob (id, B-tree cell)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -114,6 +122,14 @@ class Entry:
         return cls(f[0], int(f[1]), float(f[2]), float(f[3]), f[4], f[5] or None,
                    dict(zip(f[7::2], f[8::2], strict=True)),
                    f[6].encode("utf-8", "surrogateescape") or None)
+
+
+def settled(listed_mtime: float, known_at: float) -> bool:
+    """Whether what was learnt of an object at ``known_at`` (wall clock) may stand in later
+    mounts for the object a listing shows with LastModified ``listed_mtime``: always when the
+    listing counts milliseconds, else only when that second had passed (see the module
+    docstring) -- a later change of the object then has another LastModified."""
+    return listed_mtime != int(listed_mtime) or known_at >= int(listed_mtime) + 1 + SETTLE
 
 
 def index_path(cache_dir: Path, scope: str) -> Path:
