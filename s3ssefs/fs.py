@@ -245,24 +245,30 @@ class Filesystem(pyfuse3.Operations):
 
     async def _probe_dir(self, path: str) -> Node:
         prefix = self.dirkey(path)
-        has_marker = False
+        marker: ObjectInfo | None = None
         exists = False
         async for page in self.view.list_pages(prefix, delimiter=None, page_size=2):
             exists = bool(page.objects)
-            has_marker = any(o.key == prefix for o in page.objects)
+            marker = next((o for o in page.objects if o.key == prefix), None)
             break
         if not exists:
             raise FsError(errno.ENOENT, f"no such file: {path}")
+        has_marker = marker is not None
         info = ObjectInfo(key=prefix, size=0, etag="", mtime=time.time())
         key = None
         locked = False  # a marker no key opens: the directory stays usable, its marker stays
-        if has_marker:
+        known = await self._indexed_marker(marker) if marker is not None else None
+        if known is not None:  # the marker as the index keeps it: no HEAD
+            info, key = known
+        elif marker is not None:
             try:
                 info, key = await self.view.head(path + "/", prefix)
             except FsError as e:
                 if e.errno not in (errno.EACCES, errno.ENOENT):
                     raise
                 locked = e.errno == errno.EACCES
+            else:
+                self._index_marker(marker, info, key)
         node = self.inodes.find(path)
         attrs = self._attrs(info, is_dir=True)
         changed = self._dir_changed.get(path)
@@ -520,6 +526,32 @@ class Filesystem(pyfuse3.Operations):
             self.keyring.learn(s3key, key, e.etag)
             out[name] = node
         return out
+
+    async def _indexed_marker(self, marker: ObjectInfo) -> tuple[ObjectInfo, Key | None] | None:
+        """What the metadata index keeps of a directory marker as a listing shows it (the
+        same rule as for files), or None: a HEAD must say."""
+        if self.index is None or not marker.etag:
+            return None
+        e = (await self.index.lookup([(marker.key, marker.etag, marker.size,
+                                       marker.mtime)])).get(marker.key)
+        if e is None:
+            return None
+        key = self.keyring.by_id(e.key_id) if e.key_id != PLAIN else None
+        if e.key_id != PLAIN and key is None:
+            return None  # its key left the key file
+        self.keyring.learn(marker.key, key, e.etag)
+        return e.info(marker.key), key
+
+    def _index_marker(self, marker: ObjectInfo, info: ObjectInfo, key: Key | None) -> None:
+        """Keep what a HEAD said (just now) of a directory marker a listing showed, as
+        :meth:`_index_note` does for a file."""
+        if self.index is None or not marker.etag or not settled(marker.mtime, time.time()) or \
+                (info.etag, info.size, int(info.mtime)) != \
+                (marker.etag, marker.size, int(marker.mtime)):
+            return
+        self._index_flush(self.index.note(marker.key, Entry(
+            marker.etag, marker.size, marker.mtime, info.mtime, key.id if key else PLAIN,
+            info.version_id, dict(info.metadata))))
 
     def _index_note(self, node: Node, hint: tuple[bool, int, str, float], info: ObjectInfo,
                     key: Key | None) -> None:

@@ -295,3 +295,34 @@ def test_symlinks_after_a_remount_need_no_request(mount_factory: Any, s3: Any, b
     assert ls_l(m.path)["other"][1:3] == (4242, 4343)
     assert heads(m) == before  # from the index
     assert os.readlink(m.path / "other") == "../elsewhere"
+
+
+def test_directory_markers_after_a_remount_need_no_head(mount_factory: Any, s3: Any,
+                                                        bucket: str, key: Key) -> None:
+    """A directory's mode, owner and time are on its marker object (``dir/``): kept like a
+    file's, so ``ls -l`` after a remount sends no HEAD per subdirectory, and a marker
+    another client changed between mounts is read again."""
+    m = mount_factory(bucket, *LONG)
+    want = {}
+    for i in range(10):
+        d = m.path / f"d{i}"
+        d.mkdir()
+        os.chmod(d, 0o700 + i % 8 * 0o10)
+        os.chown(d, 1000 + i, 2000 + i)
+        os.utime(d, (10**9 + i, 10**9 + i))
+        want[d.name] = (stat.S_IFDIR | 0o700 + i % 8 * 0o10, 1000 + i, 2000 + i, 0, 10**9 + i)
+    settle(s3, bucket)
+    m.remount()
+    assert ls_l(m.path) == want  # each marker HEADed once, here
+    m.remount()
+    before = heads(m)
+    assert ls_l(m.path) == want
+    assert heads(m) == before, "ls -l after a remount sent HEADs for directory markers"
+    m.umount()
+    s3.put_object(Bucket=bucket, Key="d3/", Body=b"", **sse(key), Metadata={
+        "mode": str(stat.S_IFDIR | 0o755), "uid": "7", "gid": "8", "mtime": "1500000000"})
+    want["d3"] = (stat.S_IFDIR | 0o755, 7, 8, 0, 1_500_000_000)
+    m.mount()
+    before = heads(m)
+    assert ls_l(m.path) == want
+    assert heads(m) - before == 1
