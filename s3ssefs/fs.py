@@ -918,14 +918,15 @@ class Filesystem(pyfuse3.Operations):
         is used (one page ahead, a task in the mount's nursery): a large directory's pages
         cost the wait for each LIST or the work on the page before it (index, nodes, the
         kernel's copy), whichever is longer, not both.  The task stops once the pages are
-        no longer wanted (the channel closed)."""
+        no longer wanted (the channel closed); its end is sent as ``None``, so a task
+        cancelled midway (at unmount) never passes for a complete listing."""
         nursery = self.ctx.nursery
         if nursery is None:
             async for page in self.view.list_pages(prefix, delimiter="/"):
                 yield page
             return
-        send: trio.MemorySendChannel[ListPage | Exception]
-        recv: trio.MemoryReceiveChannel[ListPage | Exception]
+        send: trio.MemorySendChannel[ListPage | Exception | None]
+        recv: trio.MemoryReceiveChannel[ListPage | Exception | None]
         send, recv = trio.open_memory_channel(0)
 
         async def produce() -> None:
@@ -933,6 +934,7 @@ class Filesystem(pyfuse3.Operations):
                 try:
                     async for page in self.view.list_pages(prefix, delimiter="/"):
                         await send.send(page)
+                    await send.send(None)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # nobody reads the pages any more
                 except Exception as e:  # the reader raises it
@@ -943,9 +945,12 @@ class Filesystem(pyfuse3.Operations):
         nursery.start_soon(produce)
         async with recv:
             async for item in recv:
+                if item is None:
+                    return
                 if isinstance(item, Exception):
                     raise item
                 yield item
+        raise FsError(errno.EIO, f"listing of {prefix!r} cut short")
 
     def _page_names(self, dpath: str, prefix: str, page: ListPage,
                     ) -> tuple[dict[str, str], dict[str, ObjectInfo]]:
