@@ -876,8 +876,10 @@ class Filesystem(pyfuse3.Operations):
             for name, hint in stale.items():
                 path = join(dpath, name)
                 results[path] = indexed.get(name) or self._listed_node(path, hint)
-                if name not in indexed:
-                    order.add(name, hint)
+                # the indexed ones too: a program that stats them only after attr_ttl (find
+                # or du reading 50,000 names first, on a loaded machine) then looks them up
+                # again, and those lookups' HEADs go ahead in windows, not one at a time
+                order.add(name, hint)
             for name in sorted(list(dirs) + list(files)):
                 path = join(dpath, name)
                 if name in dirs:
