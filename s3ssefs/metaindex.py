@@ -27,10 +27,11 @@ key file) is discarded whole with one log line and started afresh; so is the who
 one entry fails authentication: nothing of a tampered file is trusted.
 
 Bounded by ``meta_index_size``: past it, the entries least recently used (counted in mount
-sessions) are dropped.  An entry's use is kept per directory, not per entry: a listing reads
-a directory's entries together, and marking each one read in every session rewrote the whole
-index on every remount (as much CPU as the rest of ``ls -l``).  An entry counts as used in
-the last session that wrote it or read any entry of its directory.  Memory: nothing per entry
+sessions, then in writes to the file within one) are dropped.  An entry's use is kept per
+directory, not per entry: a listing reads a directory's entries together, and marking each
+one read in every session rewrote the whole index on every remount (as much CPU as the rest
+of ``ls -l``).  An entry counts as used when last written or when any entry of its directory
+was last read.  Memory: nothing per entry
 beyond SQLite's page cache and the entries waiting to be written.  Blocking work runs in
 worker threads, one call at a time.
 """
@@ -71,6 +72,7 @@ CREATE TABLE IF NOT EXISTS entries (id BLOB PRIMARY KEY, used INTEGER NOT NULL,
                                     sealed BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dirs (dir BLOB PRIMARY KEY, used INTEGER NOT NULL) WITHOUT ROWID;
 """
+STAMPS = 1 << 32  # writes a session may count in an entry's "used" (MetaIndex._stamp)
 DIR_ID = 8  # bytes of an entry's id that name its directory (MetaIndex._id)
 
 
@@ -152,6 +154,7 @@ class MetaIndex:
         self._cipher: LocalCipher | None = None
         self._name_key = b""
         self._session = 0
+        self._writes = 0  # writes to the file this session (see _stamp)
         # trio thread only: entries noted (None: forgotten) and the directories read from,
         # not yet written; the directories marked used this session already
         self._pending: dict[str, Entry | None] = {}
@@ -349,23 +352,30 @@ class MetaIndex:
         with self._lock:
             self._close()
 
+    def _stamp(self) -> int:
+        """When an entry was written or its directory read: the session, then the write in
+        it, so that of the entries of one session the first written go first."""
+        self._writes += 1
+        return self._session * STAMPS + self._writes
+
     def _write(self, pending: dict[str, Entry | None], touched: set[bytes]) -> None:
         with self._lock:
             if self._db is None or self._cipher is None:
                 return
             cipher = self._cipher
+            stamp = self._stamp()
             put, drop = [], []
             for s3key, e in pending.items():
                 rid = self._id(s3key)
                 if e is None:
                     drop.append((rid,))
                 else:
-                    put.append((rid, self._session, cipher.seal(e.pack(), rid)))
+                    put.append((rid, stamp, cipher.seal(e.pack(), rid)))
             try:
                 with self._db:
                     self._db.executemany("DELETE FROM entries WHERE id=?", drop)
                     self._db.executemany("INSERT OR REPLACE INTO dirs(dir, used) VALUES (?, ?)",
-                                         [(d, self._session) for d in touched])
+                                         [(d, stamp) for d in touched])
                     self._bound(sum(len(p[2]) + ROW_EXTRA for p in put))
                     self._db.executemany(
                         "INSERT OR REPLACE INTO entries(id, used, sealed) VALUES (?, ?, ?)", put)
