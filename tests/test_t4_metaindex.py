@@ -297,6 +297,7 @@ def test_symlinks_after_a_remount_need_no_request(mount_factory: Any, s3: Any, b
     assert os.readlink(m.path / "other") == "../elsewhere"
 
 
+@pytest.mark.servers("rgw", "localstack")
 def test_directory_markers_after_a_remount_need_no_head(mount_factory: Any, s3: Any,
                                                         bucket: str, key: Key) -> None:
     """A directory's mode, owner and time are on its marker object (``dir/``): kept like a
