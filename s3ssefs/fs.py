@@ -9,6 +9,7 @@ turned into ``FUSEError`` in one place (:func:`_fuse_errors`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -52,7 +53,7 @@ from s3ssefs.meta import (
     storable_xattr_name,
     xattr_room,
 )
-from s3ssefs.metaindex import Entry, MetaIndex
+from s3ssefs.metaindex import Entry, MetaIndex, settled
 from s3ssefs.store import ListPage, ObjectInfo, ObjectStore
 from s3ssefs.view import LiveView
 
@@ -257,24 +258,30 @@ class Filesystem(pyfuse3.Operations):
 
     async def _probe_dir(self, path: str) -> Node:
         prefix = self.dirkey(path)
-        has_marker = False
+        marker: ObjectInfo | None = None
         exists = False
         async for page in self.view.list_pages(prefix, delimiter=None, page_size=2):
             exists = bool(page.objects)
-            has_marker = any(o.key == prefix for o in page.objects)
+            marker = next((o for o in page.objects if o.key == prefix), None)
             break
         if not exists:
             raise FsError(errno.ENOENT, f"no such file: {path}")
+        has_marker = marker is not None
         info = ObjectInfo(key=prefix, size=0, etag="", mtime=time.time())
         key = None
         locked = False  # a marker no key opens: the directory stays usable, its marker stays
-        if has_marker:
+        known = await self._indexed_marker(marker) if marker is not None else None
+        if known is not None:  # the marker as the index keeps it: no HEAD
+            info, key = known
+        elif marker is not None:
             try:
                 info, key = await self.view.head(path + "/", prefix)
             except FsError as e:
                 if e.errno not in (errno.EACCES, errno.ENOENT):
                     raise
                 locked = e.errno == errno.EACCES
+            else:
+                self._index_marker(marker, info, key)
         node = self.inodes.find(path)
         attrs = self._attrs(info, is_dir=True)
         changed = self._dir_changed.get(path)
@@ -553,12 +560,40 @@ class Filesystem(pyfuse3.Operations):
             out[name] = node
         return out
 
+    async def _indexed_marker(self, marker: ObjectInfo) -> tuple[ObjectInfo, Key | None] | None:
+        """What the metadata index keeps of a directory marker as a listing shows it (the
+        same rule as for files), or None: a HEAD must say."""
+        if self.index is None or not marker.etag:
+            return None
+        e = (await self.index.lookup([(marker.key, marker.etag, marker.size,
+                                       marker.mtime)])).get(marker.key)
+        if e is None:
+            return None
+        key = self.keyring.by_id(e.key_id) if e.key_id != PLAIN else None
+        if e.key_id != PLAIN and key is None:
+            return None  # its key left the key file
+        self.keyring.learn(marker.key, key, e.etag)
+        return e.info(marker.key), key
+
+    def _index_marker(self, marker: ObjectInfo, info: ObjectInfo, key: Key | None) -> None:
+        """Keep what a HEAD said (just now) of a directory marker a listing showed, as
+        :meth:`_index_note` does for a file."""
+        if self.index is None or not marker.etag or not settled(marker.mtime, time.time()) or \
+                (info.etag, info.size, int(info.mtime)) != \
+                (marker.etag, marker.size, int(marker.mtime)):
+            return
+        self._index_flush(self.index.note(marker.key, Entry(
+            marker.etag, marker.size, marker.mtime, info.mtime, key.id if key else PLAIN,
+            info.version_id, dict(info.metadata))))
+
     def _index_note(self, node: Node, hint: tuple[bool, int, str, float], info: ObjectInfo,
                     key: Key | None) -> None:
-        """Keep what a HEAD said of a listed file, if the object is still the one the listing
-        showed (a HEAD's LastModified is the listing's, to the second)."""
+        """Keep what a HEAD said (just now) of a listed file, if the object is still the one
+        the listing showed (a HEAD's LastModified is the listing's, to the second) and the
+        listing could show a later change (:func:`~s3ssefs.metaindex.settled`)."""
         if self.index is None or hint[0] or not hint[2] or \
-                (info.etag, info.size, int(info.mtime)) != (hint[2], hint[1], int(hint[3])):
+                (info.etag, info.size, int(info.mtime)) != (hint[2], hint[1], int(hint[3])) or \
+                not settled(hint[3], time.time()):
             return
         node.indexed = (hint[2], hint[1], hint[3])
         self._index_flush(self.index.note(self.s3key(node.path), Entry(
@@ -569,11 +604,18 @@ class Filesystem(pyfuse3.Operations):
         """Keep what this mount knows of a listed file it has fresh attributes of (it wrote
         or HEADed it) when the listing shows the object it knows: same ETag and size, and
         the LastModified its HEAD said, to the second (after a write from here that is not
-        known, and the listing's is taken)."""
+        known, and the listing's is taken); and only if it learnt that late enough for the
+        listing to show a later change (:func:`~s3ssefs.metaindex.settled`).  What a HEAD
+        said is kept only if the HEAD came after the listed LastModified's second had ended:
+        the HEAD counts seconds, so a listing's object changed in the same second as the one
+        it saw (metadata alone: same ETag and size) would otherwise pass for it."""
+        known_at = time.time() - (time.monotonic() - node.fetched)
         if self.index is None or node.locked or not node.remote or node.is_dir or \
                 node.etag != o.etag or node.attrs.size != o.size or node.data is not None or \
                 node.indexed == (o.etag, o.size, o.mtime) or \
-                (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)):
+                (node.server_mtime is not None and int(node.server_mtime) != int(o.mtime)) or \
+                not settled(float(int(o.mtime)) if node.server_mtime is not None else o.mtime,
+                            known_at):
             return
         node.indexed = (o.etag, o.size, o.mtime)
         self._index_node(node)
@@ -856,7 +898,7 @@ class Filesystem(pyfuse3.Operations):
         self._listed[dpath] = order
         while len(self._listed) > LISTED_DIRS:
             self._listed.popitem(last=False)
-        async for page in self.view.list_pages(prefix, delimiter="/"):
+        async for page in self._pages_ahead(prefix):
             dirs, files = self._page_names(dpath, prefix, page)
             results: dict[str, Node] = {}
             stale: dict[str, tuple[bool, int, str, float]] = {}
@@ -876,8 +918,10 @@ class Filesystem(pyfuse3.Operations):
             for name, hint in stale.items():
                 path = join(dpath, name)
                 results[path] = indexed.get(name) or self._listed_node(path, hint, asked)
-                if name not in indexed:
-                    order.add(name, hint)
+                # the indexed ones too: a program that stats them only after attr_ttl (find
+                # or du reading 50,000 names first, on a loaded machine) then looks them up
+                # again, and those lookups' HEADs go ahead in windows, not one at a time
+                order.add(name, hint)
             for name in sorted(list(dirs) + list(files)):
                 path = join(dpath, name)
                 if name in dirs:
@@ -915,6 +959,45 @@ class Filesystem(pyfuse3.Operations):
                     yield name, node
         if complete:
             self.inodes.remember_listing(dpath, remembered, asked)
+
+    async def _pages_ahead(self, prefix: str) -> AsyncIterator[ListPage]:
+        """The listing pages of directory ``prefix``, the next one asked for while this one
+        is used (one page ahead, a task in the mount's nursery): a large directory's pages
+        cost the wait for each LIST or the work on the page before it (index, nodes, the
+        kernel's copy), whichever is longer, not both.  The task stops once the pages are
+        no longer wanted (the channel closed); its end is sent as ``None``, so a task
+        cancelled midway (at unmount) never passes for a complete listing."""
+        nursery = self.ctx.nursery
+        if nursery is None:
+            async for page in self.view.list_pages(prefix, delimiter="/"):
+                yield page
+            return
+        send: trio.MemorySendChannel[ListPage | Exception | None]
+        recv: trio.MemoryReceiveChannel[ListPage | Exception | None]
+        send, recv = trio.open_memory_channel(0)
+
+        async def produce() -> None:
+            async with send:
+                try:
+                    async for page in self.view.list_pages(prefix, delimiter="/"):
+                        await send.send(page)
+                    await send.send(None)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # nobody reads the pages any more
+                except Exception as e:  # the reader raises it
+                    with contextlib.suppress(trio.BrokenResourceError,
+                                             trio.ClosedResourceError):
+                        await send.send(e)
+
+        nursery.start_soon(produce)
+        async with recv:
+            async for item in recv:
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        raise FsError(errno.EIO, f"listing of {prefix!r} cut short")
 
     def _page_names(self, dpath: str, prefix: str, page: ListPage,
                     ) -> tuple[dict[str, str], dict[str, ObjectInfo]]:

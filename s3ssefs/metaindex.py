@@ -9,6 +9,13 @@ for the HEAD.  Whatever changes an object in S3 gives it a new LastModified, a c
 metadata alone included (CopyObject with ``MetadataDirective=REPLACE``, a re-PUT of the same
 bytes, which on RGW keeps the ETag), so a changed object no longer matches and is HEADed again.
 
+But a listing may count LastModified in whole seconds (AWS, LocalStack; RGW counts
+milliseconds): a metadata-only change in the same second as the write before it shows the same
+ETag, size and LastModified.  So what was learnt of an object (a HEAD's answer, or a write from
+this mount) is kept only once that second had passed when it was learnt, with :data:`SETTLE`
+seconds to spare for a request in flight and the two clocks (:func:`settled`); an object
+changed just before its HEAD is HEADed again at the next mount, and kept then.
+
 One index per endpoint, bucket and prefix, a SQLite file under the cache directory, so a mount
 of the same bucket on another mount point finds it too.  SQLite gives crash safety: a commit
 (write-ahead log) is all or nothing, so a daemon killed mid-write leaves the last committed
@@ -20,8 +27,13 @@ key file) is discarded whole with one log line and started afresh; so is the who
 one entry fails authentication: nothing of a tampered file is trusted.
 
 Bounded by ``meta_index_size``: past it, the entries least recently used (counted in mount
-sessions) are dropped.  Memory: nothing per entry beyond SQLite's page cache and the entries
-waiting to be written.  Blocking work runs in worker threads, one call at a time.
+sessions, then in writes to the file within one) are dropped.  An entry's use is kept per
+directory, not per entry: a listing reads a directory's entries together, and marking each
+one read in every session rewrote the whole index on every remount (as much CPU as the rest
+of ``ls -l``).  An entry counts as used when last written or when any entry of its directory
+was last read.  Memory: nothing per entry
+beyond SQLite's page cache and the entries waiting to be written.  Blocking work runs in
+worker threads, one call at a time.
 """
 
 from __future__ import annotations
@@ -46,18 +58,22 @@ from s3ssefs.store import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"
+FORMAT = "2"
 LABEL = b"s3ssefs metadata index v1\0"
 CHECK = b"s3ssefs metadata index"
 FLUSH_AT = 512  # entries noted before a write to disk starts
 QUERY_CHUNK = 500  # ids per SELECT
 KEEP = 0.9  # share of the bound left filled after dropping old entries
+SETTLE = 2.0  # seconds past a whole-second LastModified before what a HEAD says is kept
 ROW_EXTRA = 40  # bytes an entry takes in the file beyond its sealed blob (id, B-tree cell)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (id BLOB PRIMARY KEY, used INTEGER NOT NULL,
                                     sealed BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dirs (dir BLOB PRIMARY KEY, used INTEGER NOT NULL) WITHOUT ROWID;
 """
+STAMPS = 1 << 32  # writes a session may count in an entry's "used" (MetaIndex._stamp)
+DIR_ID = 8  # bytes of an entry's id that name its directory (MetaIndex._id)
 
 
 class _Unusable(Exception):
@@ -110,6 +126,14 @@ class Entry:
                    f[6].encode("utf-8", "surrogateescape") or None)
 
 
+def settled(listed_mtime: float, known_at: float) -> bool:
+    """Whether what was learnt of an object at ``known_at`` (wall clock) may stand in later
+    mounts for the object a listing shows with LastModified ``listed_mtime``: always when the
+    listing counts milliseconds, else only when that second had passed (see the module
+    docstring) -- a later change of the object then has another LastModified."""
+    return listed_mtime != int(listed_mtime) or known_at >= int(listed_mtime) + 1 + SETTLE
+
+
 def index_path(cache_dir: Path, scope: str) -> Path:
     """The index file of one endpoint/bucket/prefix (``scope``) under ``cache_dir``."""
     return cache_dir / "meta" / (hashlib.sha256(scope.encode()).hexdigest()[:32] + ".idx")
@@ -130,9 +154,12 @@ class MetaIndex:
         self._cipher: LocalCipher | None = None
         self._name_key = b""
         self._session = 0
-        # trio thread only: entries noted (None: forgotten) and ids read, not yet written
+        self._writes = 0  # writes to the file this session (see _stamp)
+        # trio thread only: entries noted (None: forgotten) and the directories read from,
+        # not yet written; the directories marked used this session already
         self._pending: dict[str, Entry | None] = {}
         self._touched: set[bytes] = set()
+        self._marked: set[bytes] = set()
         self._flush_lock = trio.Lock()
         self._flush_due = False
         with self._lock:
@@ -255,7 +282,7 @@ class MetaIndex:
         if ask:
             got, touched = await workers.run_sync(self._lookup, ask)
             found.update(got)
-            self._touched |= touched
+            self._touched |= touched - self._marked
         if self.stats is not None and found:
             self.stats.add("meta_index_hits", len(found))
         return found
@@ -273,16 +300,15 @@ class MetaIndex:
                 for i in range(0, len(keys), QUERY_CHUNK):
                     chunk = keys[i:i + QUERY_CHUNK]
                     rows = self._db.execute(
-                        "SELECT id, used, sealed FROM entries WHERE id IN "
+                        "SELECT id, sealed FROM entries WHERE id IN "
                         f"({','.join('?' * len(chunk))})", chunk).fetchall()
-                    for rid, used, sealed in rows:
+                    for rid, sealed in rows:
                         rid = bytes(rid)
                         s3key, etag, size, mtime = ids[rid]
                         e = Entry.unpack(self._cipher.open(sealed, rid))
                         if e.matches(etag, size, mtime):
                             found[s3key] = e
-                            if used < self._session:
-                                touched.add(rid)
+                            touched.add(rid[:DIR_ID])
             except (sqlite3.DatabaseError, CorruptBlock, ValueError, TypeError, KeyError) as e:
                 if not _busy(e):
                     self._discard(f"unreadable: {e}")
@@ -315,6 +341,7 @@ class MetaIndex:
                 return
             pending, self._pending = self._pending, {}
             touched, self._touched = self._touched, set()
+            self._marked |= touched
             await workers.run_sync(self._write, pending, touched)
 
     def close(self) -> None:
@@ -325,23 +352,30 @@ class MetaIndex:
         with self._lock:
             self._close()
 
+    def _stamp(self) -> int:
+        """When an entry was written or its directory read: the session, then the write in
+        it, so that of the entries of one session the first written go first."""
+        self._writes += 1
+        return self._session * STAMPS + self._writes
+
     def _write(self, pending: dict[str, Entry | None], touched: set[bytes]) -> None:
         with self._lock:
             if self._db is None or self._cipher is None:
                 return
             cipher = self._cipher
+            stamp = self._stamp()
             put, drop = [], []
             for s3key, e in pending.items():
                 rid = self._id(s3key)
                 if e is None:
                     drop.append((rid,))
                 else:
-                    put.append((rid, self._session, cipher.seal(e.pack(), rid)))
+                    put.append((rid, stamp, cipher.seal(e.pack(), rid)))
             try:
                 with self._db:
                     self._db.executemany("DELETE FROM entries WHERE id=?", drop)
-                    self._db.executemany("UPDATE entries SET used=? WHERE id=?",
-                                         [(self._session, rid) for rid in touched])
+                    self._db.executemany("INSERT OR REPLACE INTO dirs(dir, used) VALUES (?, ?)",
+                                         [(d, stamp) for d in touched])
                     self._bound(sum(len(p[2]) + ROW_EXTRA for p in put))
                     self._db.executemany(
                         "INSERT OR REPLACE INTO entries(id, used, sealed) VALUES (?, ?, ?)", put)
@@ -373,8 +407,12 @@ class MetaIndex:
         keep = max(0, int((KEEP * self.max_bytes - incoming) / per_entry))
         if keep >= count:
             return
-        self._db.execute("DELETE FROM entries WHERE id IN (SELECT id FROM entries "
-                         "ORDER BY used LIMIT ?)", (count - keep,))
+        self._db.execute(
+            "DELETE FROM entries WHERE id IN (SELECT e.id FROM entries e LEFT JOIN dirs d "
+            f"ON d.dir = substr(e.id, 1, {DIR_ID}) "
+            "ORDER BY max(e.used, coalesce(d.used, 0)) LIMIT ?)", (count - keep,))
+        self._db.execute(f"DELETE FROM dirs WHERE dir NOT IN (SELECT substr(id, 1, {DIR_ID}) "
+                         "FROM entries)")
         log.debug("metadata index: dropped %d old entries (bound %d bytes)", count - keep,
                   self.max_bytes)
 

@@ -38,10 +38,15 @@ def entry(i: int) -> Entry:
                  {"mode": "33188", "uid": str(i), "gid": "7", "mtime": str(t)})
 
 
+def name(i: int) -> str:
+    """Object ``i``'s key: a hundred objects per directory."""
+    return f"d{i // 100:02d}/f{i:05d}"
+
+
 def shown(i: int) -> tuple[str, str, int, float]:
     """How a listing shows object ``i`` unchanged."""
     e = entry(i)
-    return (f"dir/f{i:05d}", e.etag, e.size, e.listed_mtime)
+    return (name(i), e.etag, e.size, e.listed_mtime)
 
 
 def run(fn: Callable[[], Any]) -> Any:
@@ -55,7 +60,7 @@ def fill(path: Path, kf: KeyFile, n: int, bound: int = 1 << 30) -> None:
 
     async def go() -> None:
         for i in range(n):
-            if idx.note(f"dir/f{i:05d}", entry(i)):
+            if idx.note(name(i), entry(i)):
                 await idx.flush()
         await idx.flush()
     run(go)
@@ -76,10 +81,10 @@ def test_an_entry_is_used_only_for_the_object_as_it_was_listed(tmp_path: Path) -
     path = index_path(tmp_path, SCOPE)
     fill(path, kf, 50)
     got = lookup(path, kf, [shown(i) for i in range(60)])
-    assert got == {f"dir/f{i:05d}": entry(i) for i in range(50)}
+    assert got == {name(i): entry(i) for i in range(50)}
     key, etag, size, mtime = shown(3)
     assert lookup(path, kf, [(key, '"other"', size, mtime), (key, etag, size + 1, mtime),
-                             (key, etag, size, mtime + 0.001), ("dir/f3", etag, size, mtime),
+                             (key, etag, size, mtime + 0.001), ("d00/f3", etag, size, mtime),
                              ("other/f00003", etag, size, mtime)]) == {}
     # another bucket (or prefix) cannot read this one's entries
     idx = MetaIndex(path, kf, SCOPE + "x", 1 << 30)
@@ -145,13 +150,14 @@ def test_the_index_stays_within_its_bound_and_keeps_what_was_used(tmp_path: Path
     path = index_path(tmp_path, SCOPE)
     bound = 256 << 10
     fill(path, kf, 500, bound)
-    # a later session reads the first 100: they outlive those never read again
+    # a later session lists the first directory (its 100 entries): they outlive those of
+    # directories never read again
     assert len(lookup(path, kf, [shown(i) for i in range(100)], bound)) == 100
     idx = MetaIndex(path, kf, SCOPE, bound)
 
     async def more() -> None:
         for i in range(500, 5000):
-            if idx.note(f"dir/f{i:05d}", entry(i)):
+            if idx.note(name(i), entry(i)):
                 await idx.flush()
         await idx.flush()
     run(more)
@@ -159,5 +165,5 @@ def test_the_index_stays_within_its_bound_and_keeps_what_was_used(tmp_path: Path
     assert path.stat().st_size <= bound * 1.25
     got = lookup(path, kf, [shown(i) for i in range(5000)], bound)
     assert 0 < len(got) < 5000
-    assert all(f"dir/f{i:05d}" in got for i in range(4900, 5000))  # the newest
-    assert not any(f"dir/f{i:05d}" in got for i in range(100, 500))  # never used again
+    assert all(name(i) in got for i in range(4900, 5000))  # the newest
+    assert not any(name(i) in got for i in range(100, 500))  # never used again

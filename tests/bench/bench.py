@@ -378,19 +378,20 @@ class S3:
                 raise TimeoutError(f"not durable in s3://{b}/{prefix} after {timeout:.0f} s")
             time.sleep(0.05)
 
-    def meta(self) -> dict[str, str]:
+    def meta(self, mtime: int | None = None) -> dict[str, str]:
         # what s3fs writes (and s3ssefs reads): regular file 0644, root, mtime in seconds
         return {"mode": str(0o100644), "uid": str(os.getuid()), "gid": str(os.getgid()),
-                "mtime": str(int(time.time()))}
+                "mtime": str(int(time.time()) if mtime is None else mtime)}
 
-    def seed(self, b: str, key: str, size: int) -> None:
+    def seed(self, b: str, key: str, size: int, mtime: int | None = None) -> None:
         """Upload `size` random bytes with SSE-C, untimed: the neutral writer of every object
         the systems read (multipart above 8 MiB in 8 MiB parts, the default of boto3's and the
         CRT's transfer managers; no mount under test wrote it)."""
         part = 8 * MiB
         buf = os.urandom(min(size, part))
         if size <= part:
-            self.c.put_object(Bucket=b, Key=key, Body=buf[:size], Metadata=self.meta(), **self.sse)
+            self.c.put_object(Bucket=b, Key=key, Body=buf[:size], Metadata=self.meta(mtime),
+                              **self.sse)
             return
         up = self.c.create_multipart_upload(Bucket=b, Key=key, Metadata=self.meta(), **self.sse)
         n = (size + part - 1) // part
@@ -406,9 +407,12 @@ class S3:
         self.c.complete_multipart_upload(Bucket=b, Key=key, UploadId=up["UploadId"],
                                          MultipartUpload={"Parts": parts})
 
-    def seed_many(self, b: str, keys: list[str], size: int) -> None:
+    def seed_many(self, b: str, keys: list[str], size: int,
+                  mtimes: list[int] | None = None) -> None:
+        times = mtimes or [None] * len(keys)
         with cf.ThreadPoolExecutor(8) as ex:
-            list(ex.map(lambda k: self.seed(b, k, size), keys))
+            list(ex.map(lambda kt: self.seed(b, kt[0], size, kt[1]),
+                        zip(keys, times, strict=True)))
 
     def encryption(self, b: str, key: str) -> str:
         """'sse-c' if a keyless GET and a keyless HEAD fail and a keyed HEAD says AES256,
@@ -450,6 +454,7 @@ class Ctx:
     rename_size: int
     small_n: int
     rand_n: int
+    meta_n: int = 5000
     s3: S3 | None = None
     systems: dict = field(default_factory=dict)
     fio_start: float = 0.0  # see fio_start_up
@@ -607,6 +612,14 @@ class System:
         cache.  Every workload starts from here."""
         self.unmount()
         self.clear_cache()
+        if not drop_page_cache():
+            self.ctx.args._warn_dropcache = True
+        self.mount()
+
+    def remount(self) -> None:
+        """Unmount, drop the page cache and mount self.bucket again, keeping the cache dir:
+        what a system keeps across mounts (s3ssefs's metadata index) it keeps here."""
+        self.unmount()
         if not drop_page_cache():
             self.ctx.args._warn_dropcache = True
         self.mount()
@@ -776,7 +789,8 @@ class Boto3(System):
 
     name = "boto3"
     is_mount = False
-    workloads = ("write", "read-cold", "rand-cold", "small", "ls", "rename", "par-read")
+    workloads = ("write", "read-cold", "rand-cold", "small", "ls", "rename", "par-read",
+                 "meta")
     flag = "--boto3-worker"
 
     threads: int | None = None  # None: --boto3-threads
@@ -903,6 +917,16 @@ BIG = "bench/big.bin"
 SMALL_DIR = "bench/small"
 REN_SRC, REN_DST = "bench/ren/src.bin", "bench/ren/dst.bin"
 PAR_DIR = "bench/par"
+META_DIR = "bench/meta"
+# the metadata workload: each command over META_DIR right after a remount (see w_meta)
+META_CMDS = {
+    "meta_ls": ("ls -l", lambda d: ["ls", "-l", d]),
+    "meta_find": ("find -newer", lambda d: ["find", d, "-type", "f", "-newer", f"{d}/f00000",
+                                            "-printf", "%m %u %s %T@\n"]),
+    "meta_du": ("du -s", lambda d: ["du", "-s", d]),
+    "meta_rsync": ("rsync -an", lambda d: ["rsync", "-an", "--itemize-changes", f"{d}/",
+                                          d + ".copy-that-is-never-written/"]),
+}
 
 
 def metrics(ctx: Ctx) -> list[Metric]:
@@ -921,16 +945,18 @@ def metrics(ctx: Ctx) -> list[Metric]:
         Metric("rename_durable", f"rename {r}, to durable", "s", False),
         Metric("par_read", f"{ctx.par_n} readers x {fmt_size(ctx.par_size)}, cold", "MiB/s",
                True),
+        *[Metric(k, f"{what} of {ctx.meta_n} files after a remount (boto3: one LIST)", "s",
+                 False) for k, (what, _) in META_CMDS.items()],
     ]
 
 
 WORKLOADS = ["write", "read-cold", "read-warm", "rand-cold", "rand-warm", "small", "ls",
-             "rename", "par-read"]
+             "rename", "par-read", "meta"]
 
 
 # the workloads that read the shared objects of the read bucket; the others write, each into a
 # fresh bucket of its own
-READ_WORKLOADS = ("read-cold", "read-warm", "rand-cold", "rand-warm", "ls", "par-read")
+READ_WORKLOADS = ("read-cold", "read-warm", "rand-cold", "rand-warm", "ls", "par-read", "meta")
 
 
 class Runner:
@@ -1064,6 +1090,32 @@ class Runner:
             raise RuntimeError(f"ls -l showed {got} files, expected {self.ctx.small_n}")
         self.m.values["ls_cold"] = wall
 
+    def w_meta(self) -> None:
+        """Metadata over an unchanged directory of meta_n files, each command right after a
+        remount (page cache dropped, cache dir kept), after one ls -l in an earlier mount of
+        the same cache dir: what a user running rsync or find over a tree again waits for.
+        The library's figure is one bare LIST of the prefix (the reference of issue #33).
+        No CPU figure: every command runs in a mount of its own."""
+        n = self.ctx.meta_n
+        if not self.sys.is_mount:
+            for k in META_CMDS:
+                r = self.sys.worker("list", prefix=META_DIR + "/")
+                if r["count"] != n:
+                    raise RuntimeError(f"LIST gave {r['count']} objects, expected {n}")
+                self.m.values[k] = r["wall"]
+            return
+        d = str(self.sys.path(META_DIR))
+        self.sys.run(["ls", "-l", d])  # the earlier mount that saw the tree
+        for k, (what, cmd) in META_CMDS.items():
+            self.sys.remount()
+            wall, out = self.sys.run(cmd(d), what=what)
+            got = {"meta_ls": sum(1 for ln in out.splitlines() if ln.startswith("-")),
+                   "meta_rsync": sum(1 for ln in out.splitlines() if ln.startswith(">f"))
+                   }.get(k, n)  # find's and du's output depend on what mtimes a peer reads
+            if got != n:
+                raise RuntimeError(f"{what} saw {got} files, expected {n}:\n{out[-300:]}")
+            self.m.values[k] = wall
+
     def before_rename(self) -> None:
         """Seeded before the mount, so that no system has seen the directory yet."""
         log(f"  seeding {REN_SRC} ({fmt_size(self.ctx.rename_size)}) with boto3")
@@ -1119,6 +1171,10 @@ def seed_read_bucket(ctx: Ctx, workloads: list[str]) -> None:
         ctx.s3.seed_many(b, [f"{SMALL_DIR}/f{i:05d}" for i in range(ctx.small_n)], 4096)
     if "par-read" in workloads:
         ctx.s3.seed_many(b, par_keys(ctx), ctx.par_size)
+    if "meta" in workloads:  # mtimes one a second apart, the newest an hour ago
+        first = int(time.time()) - 3600 - ctx.meta_n
+        ctx.s3.seed_many(b, [f"{META_DIR}/f{i:05d}" for i in range(ctx.meta_n)], 100,
+                         mtimes=[first + i for i in range(ctx.meta_n)])
     log(f"read bucket {b} seeded by boto3 in {time.monotonic() - t0:.1f} s")
 
 
@@ -1635,6 +1691,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rename-size", help="size of the renamed file (default size*100/1024)")
     ap.add_argument("--small-n", type=int, default=1000, help="small files (default 1000)")
     ap.add_argument("--rand-n", type=int, default=2000, help="random 4K reads (default 2000)")
+    ap.add_argument("--meta-n", type=int, default=5000,
+                    help="files of the metadata workload (default 5000; 50000 for the large "
+                         "figure: seeding and each peer's first ls -l then take minutes)")
     ap.add_argument("--boto3-threads", type=int, default=16)
     ap.add_argument("--boto3-part", default="8M", help="boto3 part / range size (default 8M)")
     ap.add_argument("--rclone-write-back", default="5s",
@@ -1697,7 +1756,7 @@ def main(argv: list[str] | None = None) -> int:
               par_n=args.par_n,
               rename_size=(parse_size(args.rename_size) if args.rename_size
                            else max(MiB, size * 100 // 1024 // MiB * MiB)),
-              small_n=args.small_n, rand_n=args.rand_n)
+              small_n=args.small_n, rand_n=args.rand_n, meta_n=args.meta_n)
     ctx.s3 = S3(ctx)
     ctx.read_bucket = f"bench-{ctx.runid}-read"
     ctx.cg_parent = cgroup2_parent(ctx.runid)
@@ -1760,7 +1819,7 @@ def main(argv: list[str] | None = None) -> int:
                    "interrupted": interrupted, "systems": names, "workloads": workloads,
                    "sizes": {"big": size, "par_size": ctx.par_size, "par_n": ctx.par_n,
                              "rename": ctx.rename_size, "small_n": ctx.small_n,
-                             "rand_n": ctx.rand_n},
+                             "rand_n": ctx.rand_n, "meta_n": ctx.meta_n},
                    "options": {"rclone_write_back": args.rclone_write_back,
                                "boto3_threads": args.boto3_threads,
                                "boto3_part": args.boto3_part, "s3ssefs_opt": args.s3ssefs_opt,

@@ -37,6 +37,7 @@ METRIC_WORKLOAD = {
     "read_warm": "read-warm", "rand_cold": "rand-cold", "rand_warm": "rand-warm",
     "small_close": "small", "small_durable": "small", "ls_cold": "ls",
     "rename_return": "rename", "rename_durable": "rename", "par_read": "par-read",
+    "meta_ls": "meta", "meta_find": "meta", "meta_du": "meta", "meta_rsync": "meta",
 }
 # the object whose encryption each written metric depends on (bench.py's check_enc labels)
 METRIC_ENCRYPTION = {
