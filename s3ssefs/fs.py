@@ -177,6 +177,7 @@ class Filesystem(pyfuse3.Operations):
         self._listed: OrderedDict[str, ListedOrder] = OrderedDict()  # by directory path
         self._heads: dict[str, trio.Event] = {}  # prefetch HEADs in flight, by path
         self._relisting: dict[str, trio.Event] = {}  # directories being listed again
+        self._renewing: dict[str, trio.Event] = {}  # directories whose nodes a LIST renews
         self._removing: dict[int, trio.Event] = {}  # files being unlinked, by inode
         self._too_big: set[str] = set()  # directories found too large to list for lookups
         # when this mount last created, removed or renamed an entry in a directory (by
@@ -383,7 +384,7 @@ class Filesystem(pyfuse3.Operations):
             return self.inodes.find(parent.path.rpartition("/")[0]) or self.inodes.get(ROOT)
         path = self._child(parent, name.encode())
         node = self.inodes.find(path)
-        if node is not None and self._fresh(node):
+        if node is not None and (self._fresh(node) or await self._renew(node)):
             return node
         self._prefetch_after(parent.path, name)
         pending = self._heads.get(path)
@@ -642,7 +643,7 @@ class Filesystem(pyfuse3.Operations):
             self.ctx.nursery.start_soon(self.index.flush)
 
     async def _refresh(self, node: Node) -> None:
-        if self._fresh(node):
+        if self._fresh(node) or await self._renew(node):
             return
         if node.is_dir:
             await self._probe_dir(node.path)
@@ -650,6 +651,46 @@ class Filesystem(pyfuse3.Operations):
             fresh = await self._probe(node.path)
             if fresh is not node:
                 raise FsError(errno.ESTALE, f"{node.path} was replaced")
+
+    async def _renew(self, node: Node) -> bool:
+        """Make ``node``, a listed file whose attributes expired, fresh again from one LIST
+        page of its directory starting at its name, if the page shows it unchanged; every
+        other expired node the page shows unchanged is renewed with it.  A program that
+        reads a large directory's names first and stats them after (find, du: GNU fts) may
+        take longer than attr_ttl to get there, and would then cost a HEAD per name; this
+        costs a LIST per 1,000.  Unchanged is the metadata index's rule: the listing shows the
+        ETag, size and LastModified the node's attributes were last confirmed with
+        (``Node.indexed``).  Not while a listing of the directory is still remembered (a
+        lookup takes its hint from that) nor as of a time (versions are listed whole)."""
+        dpath = node.path.rpartition("/")[0]
+        if node.indexed is None or node.is_dir or node.data is not None or node.locked or \
+                not node.remote or dpath not in self._listed or self.cfg.as_of is not None or \
+                self.inodes.listing(dpath, self.cfg.dir_ttl) is not None:
+            return False
+        running = self._renewing.get(dpath)
+        if running is not None:  # another lookup in the directory is renewing: its page
+            await running.wait()
+            return self._fresh(node)
+        self._renewing[dpath] = done = trio.Event()
+        try:
+            prefix = self.dirkey(dpath)
+            asked, at = stamp(), time.monotonic()
+            # from just before the name: S3 lists the keys after start_after
+            async for page in self.view.list_pages(prefix, delimiter="/",
+                                                   start_after=self.s3key(node.path)[:-1]):
+                for name, o in self._page_names(dpath, prefix, page)[1].items():
+                    n = self.inodes.find(join(dpath, name))
+                    if n is not None and n.indexed == (o.etag, o.size, o.mtime) and \
+                            n.etag == o.etag and n.changed <= asked and n.data is None and \
+                            n.remote and not n.locked and not n.is_dir:
+                        n.fetched = max(n.fetched, at)
+                break
+        except FsError as e:  # the lookup goes on as if this had not been tried
+            log.debug("renewing %s from a listing failed: %s", node.path, e)
+        finally:
+            del self._renewing[dpath]
+            done.set()
+        return self._fresh(node)
 
     async def _revalidate(self, node: Node) -> None:
         """Close-to-open: an open looks at S3 again whatever the TTL says (another client may

@@ -28,8 +28,9 @@ class LiveView:
         self.keyring = keyring
 
     def list_pages(self, prefix: str, delimiter: str | None = "/", page_size: int = 1000,
-                   ) -> AsyncIterator[ListPage]:
-        return self.store.list_pages(prefix, delimiter=delimiter, page_size=page_size)
+                   start_after: str | None = None) -> AsyncIterator[ListPage]:
+        return self.store.list_pages(prefix, delimiter=delimiter, page_size=page_size,
+                                     start_after=start_after)
 
     async def head(self, rel_path: str, s3key: str) -> tuple[ObjectInfo, Key | None]:
         return await self.keyring.head(rel_path, s3key)
@@ -71,8 +72,12 @@ class AsOfView(LiveView):
             yield page.prefixes, shown
 
     async def list_pages(self, prefix: str, delimiter: str | None = "/",  # type: ignore[override]
-                         page_size: int = 1000) -> AsyncIterator[ListPage]:
+                         page_size: int = 1000, start_after: str | None = None,
+                         ) -> AsyncIterator[ListPage]:
         async for prefixes, shown in self._versions(prefix, delimiter):
+            if start_after:
+                prefixes = [p for p in prefixes if p > start_after]
+                shown = [o for o in shown if o.key > start_after]
             yield ListPage(prefixes=prefixes, objects=shown)
 
     def can_head_many(self) -> bool:

@@ -327,3 +327,31 @@ def test_directory_markers_after_a_remount_need_no_head(mount_factory: Any, s3: 
     before = heads(m)
     assert ls_l(m.path) == want
     assert heads(m) - before == 1
+
+
+def test_names_stated_after_their_attributes_expired_cost_a_listing_not_a_head_each(
+        mount_factory: Any, s3: Any, bucket: str, key: Key) -> None:
+    """find and du read a directory's names first and stat them after (GNU fts): in a large
+    directory on a busy machine, after attr_ttl and dir_ttl have passed.  The expired names
+    are renewed from a LIST page checked against what the index keeps, not by a HEAD each;
+    an object another client changed meanwhile is still HEADed, and shown changed."""
+    ttl = 2
+    m = mount_factory(bucket, "--attr-ttl", str(ttl), "--dir-ttl", str(ttl))
+    want = fill(m, s3, bucket, key)
+    settle(s3, bucket)
+    m.remount()
+    assert ls_l(m.path) == want  # HEADed once: what they said goes to the index
+    m.remount()
+    names = sorted(os.listdir(m.path))  # answered from the index, attributes for ttl s
+    mode, uid, gid, _, mtime = want["f003"]
+    s3.put_object(Bucket=bucket, Key="f003", Body=b"changed", **sse(key), Metadata={
+        "mode": str(mode), "uid": str(uid), "gid": str(gid), "mtime": str(mtime)})
+    want["f003"] = (mode, uid, gid, 7, mtime)
+    before = heads(m)
+    time.sleep(ttl + 0.5)  # the condition under test: the attributes and listing expired
+    got = {}
+    for n in names:
+        st = os.lstat(m.path / n)
+        got[n] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, int(st.st_mtime))
+    assert got == want
+    assert heads(m) - before == 1, "expired names were HEADed one by one"
