@@ -179,9 +179,11 @@ def test_a_metadata_change_in_the_second_of_the_write_before_is_shown(
                        Metadata={"mode": str(stat.S_IFREG | 0o644)},
                        MetadataDirective="REPLACE")
         same = listed(s3, bucket, name) == before
-    # LocalStack lists whole seconds: some change landed unseen by a listing; RGW lists
-    # milliseconds, and every change shows
-    assert same == (rgw.name == "localstack"), (rgw.name, names)
+    # RGW lists milliseconds, and every change shows.  LocalStack lists whole seconds: a
+    # change in the second of the write before is unseen by a listing, which happens on the
+    # first tries here (how often depends on how fast this machine is: not asserted)
+    if rgw.name != "localstack":
+        assert not same, names
     m.remount()
     got = ls_l(m.path)
     assert {n: got[n][0] for n in names} == {n: stat.S_IFREG | 0o644 for n in names}
