@@ -150,6 +150,9 @@ OPTIONS: tuple[Option, ...] = (
            "a small random read that misses also fetches, in the background, the aligned "
            "region of this size around it (default 0: only the 64K around the read)",
            metavar="SIZE"),
+    Option("direct_io", parse_bool,
+           "reads and writes bypass the kernel's page cache (one copy less for data read or "
+           "written once; a file read again is fetched again; shared mmap fails)", flag=True),
     Option("read_only", parse_bool, "mount read-only", flag=True),
     Option("as_of", parse_timestamp, "read-only view of a versioned bucket at this time",
            metavar="TIMESTAMP"),
@@ -215,6 +218,7 @@ class MountConfig:
     cache_size: int = 2 << 30
     cache_stream_max: int | None = None  # None: cache_size
     random_readahead: int = 0
+    direct_io: bool = False
     meta_index_size: int = 64 << 20
     read_only: bool = False
     as_of: _dt.datetime | None = None

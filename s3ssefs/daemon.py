@@ -373,7 +373,8 @@ class Mount:
                 await recover(self.ctx, self.keyring, self.cfg, self.cache_base)
                 n.cancel_scope.cancel()
         pyfuse3.init(self.fs, str(self.mountpoint), fuse_options(self.cfg))
-        self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
+        if not self.cfg.direct_io:  # with direct_io no read looks in the kernel's pages
+            self.ctx.pages = KernelPages(pyfuse3.notify_store)  # needs the session init made
         registry = check_runtime_dir(create=True) / f"{self.id}.json"
         try:
             async with trio.open_nursery() as n:

@@ -1173,7 +1173,7 @@ class Filesystem(pyfuse3.Operations):
         fh = self._fh(node)
         self.writers.add(fh)
         self.page_blockers.add(fh)
-        return pyfuse3.FileInfo(fh=fh), node.entry(self.ttl)
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.cfg.direct_io), node.entry(self.ttl)
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -1237,7 +1237,7 @@ class Filesystem(pyfuse3.Operations):
             self.writers.add(fh)
         if blocks_pages:
             self.page_blockers.add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=bool(keep))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=bool(keep), direct_io=self.cfg.direct_io)
 
     def _opened_removed(self, node: Node, flags: int, here: bool) -> bool:
         """An open of a file removed since the kernel looked its name up (``here``: its object

@@ -1257,6 +1257,68 @@ def test_a_file_open_for_writing_gets_no_region_in_the_page_cache(
     assert got == body[:at] + new + body[at + len(new):]
 
 
+def _cached_pages(path: Path) -> int:
+    """Pages of ``path`` in the kernel's page cache, by cachestat(2) (Linux 6.5): unlike
+    mincore it needs no mapping, which a direct_io file refuses to share."""
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback",
+                                                    "nr_evicted", "nr_recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rng, st = Range(0, 0), Stat()  # len 0: to the end of the file
+        if libc.syscall(451, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:  # cachestat
+            raise OSError(ctypes.get_errno(), "cachestat failed")
+        return int(st.nr_cache)
+    finally:
+        os.close(fd)
+
+
+def test_direct_io_keeps_file_data_out_of_the_page_cache(mount_factory: Any, s3: Any,
+                                                         bucket: str, key: Key) -> None:
+    """With ``-o direct_io`` what a program reads or writes bypasses the kernel's page cache
+    (on the default mount the same read leaves the file there): reads return the object's
+    bytes, a write and an append reach S3, a private mapping reads the file, and a shared one
+    is refused with ENODEV, as the kernel does for any direct_io file."""
+    body = pattern(24 * MiB + 123, seed=16)
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=body, **sse(key))
+    plain = mount_factory(bucket)
+    assert (plain.path / "big.bin").read_bytes() == body
+    assert _cached_pages(plain.path / "big.bin") > 0  # the check sees what a read leaves
+    plain.umount()
+
+    m = mount_factory(bucket, "-o", "direct_io")
+    with open(m.path / "big.bin", "rb", buffering=0) as f:
+        got = b"".join(iter(partial(f.read, MiB), b""))
+    assert got == body
+    assert _cached_pages(m.path / "big.bin") == 0
+
+    new = pattern(3 * MiB + 7, seed=17)
+    with open(m.path / "new.bin", "wb", buffering=0) as f:
+        for i in range(0, len(new), MiB):
+            f.write(new[i:i + MiB])
+    with open(m.path / "new.bin", "ab", buffering=0) as f:
+        f.write(b"tail")
+    assert _cached_pages(m.path / "new.bin") == 0
+    assert os.stat(m.path / "new.bin").st_size == len(new) + 4
+    got = s3.get_object(Bucket=bucket, Key="new.bin", **sse(key))["Body"].read()
+    assert got == new + b"tail"
+
+    fd = os.open(m.path / "big.bin", os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mp:
+            assert mp[20 * MiB:20 * MiB + 4096] == body[20 * MiB:20 * MiB + 4096]
+        with pytest.raises(OSError) as e:
+            mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        assert e.value.errno == errno.ENODEV
+    finally:
+        os.close(fd)
+
+
 def test_kernel_readahead_is_raised_on_the_mount(mnt: Any) -> None:
     """The mount's kernel readahead is raised above the 128 KiB the FUSE handshake leaves (so
     the kernel sends fewer, larger reads): set after the handshake, which would otherwise cap

@@ -680,6 +680,19 @@ class S3ssefsRandomAhead(S3ssefs):
         return [*cmd, "-o", "random_readahead=8M"], env
 
 
+class S3ssefsDirect(S3ssefs):
+    """s3ssefs with ``-o direct_io``: reads and writes bypass the kernel's page cache, so data
+    read or written once is copied once less, and a warm re-read is fetched again (from the
+    block cache, or S3).  The bulk workloads only."""
+
+    name = "s3ssefs-direct"
+    workloads = ("write", "read-cold", "read-warm", "par-read")
+
+    def command(self):
+        cmd, env = super().command()
+        return [*cmd, "-o", "direct_io"], env
+
+
 class S3fs(System):
     """Debian s3fs-fuse.  Key file: one key per line; a line longer than 32 chars is taken as
     base64 (s3fs PushbackSseKeys), so we write the base64 of the 32 random bytes.
@@ -830,11 +843,11 @@ class Boto3Serial(Boto3):
     workloads = ("small",)
 
 
-SYSTEMS = {c.name: c for c in (S3ssefs, S3ssefsReadOnce, S3ssefsRandomAhead, S3fs,
-                               S3fsNoCopyApi, S3fsNoMultipart, S3fsCache, RcloneWrites,
+SYSTEMS = {c.name: c for c in (S3ssefs, S3ssefsReadOnce, S3ssefsRandomAhead, S3ssefsDirect,
+                               S3fs, S3fsNoCopyApi, S3fsNoMultipart, S3fsCache, RcloneWrites,
                                RcloneFull, Boto3, Crt, Boto3Serial)}
-# s3ssefs-once, s3ssefs-ahead and s3fs-cache on request (--systems): they keep a full run of
-# the default size and --runs within ~40 minutes
+# s3ssefs-once, s3ssefs-ahead, s3ssefs-direct and s3fs-cache on request (--systems): they keep
+# a full run of the default size and --runs within ~40 minutes
 DEFAULT_SYSTEMS = ("s3ssefs,s3fs,s3fs-nocopy,s3fs-nomp,rclone-writes,rclone-full,boto3,crt,"
                    "boto3-serial")
 
