@@ -547,9 +547,9 @@ class Filesystem(pyfuse3.Operations):
             e = got.get(s3key)
             if e is None:
                 continue
-            key = self.keyring.by_id(e.key_id) if e.key_id != PLAIN else None
-            if e.key_id != PLAIN and key is None:
-                continue  # its key left the key file: S3 says what opens it now
+            known, key = self._entry_key(e)
+            if not known:
+                continue
             node = self.inodes.find(path)
             if node is not None and (node.data is not None or node.changed > asked):
                 continue  # open or changed here since: what this mount knows wins
@@ -570,11 +570,20 @@ class Filesystem(pyfuse3.Operations):
                                        marker.mtime)])).get(marker.key)
         if e is None:
             return None
-        key = self.keyring.by_id(e.key_id) if e.key_id != PLAIN else None
-        if e.key_id != PLAIN and key is None:
-            return None  # its key left the key file
+        known, key = self._entry_key(e)
+        if not known:
+            return None
         self.keyring.learn(marker.key, key, e.etag)
         return e.info(marker.key), key
+
+    def _entry_key(self, e: Entry) -> tuple[bool, Key | None]:
+        """The key an index entry names (None: an object stored without SSE-C), and whether
+        it is known: not once that key has left the key file, when S3 must say (a HEAD)
+        what opens the object now."""
+        if e.key_id == PLAIN:
+            return True, None
+        key = self.keyring.by_id(e.key_id)
+        return key is not None, key
 
     def _index_marker(self, marker: ObjectInfo, info: ObjectInfo, key: Key | None) -> None:
         """Keep what a HEAD said (just now) of a directory marker a listing showed, as
