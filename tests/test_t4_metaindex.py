@@ -357,3 +357,38 @@ def test_names_stated_after_their_attributes_expired_cost_a_listing_not_a_head_e
         got[n] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, int(st.st_mtime))
     assert got == want
     assert heads(m) - before == 1, "expired names were HEADed one by one"
+
+
+@pytest.mark.servers("rgw", "localstack")
+def test_a_file_whose_key_left_the_key_file_is_asked_about_again(
+        mount_factory: Any, s3: Any, bucket: str, key: Key, other_key: Key,
+        tmp_path: Path) -> None:
+    """An index entry names the key that opened its object.  When that key has left the key
+    file (the index itself still opens: it is sealed with another key), the entry is not
+    believed: the object is HEADed again, and shows as what it now is, a file no key of the
+    mount opens (EACCES); a file of the remaining key reads as before."""
+    both, only = KeyFile.generate("k1"), KeyFile.generate("k1")
+    for kf in (both, only):
+        kf.keys.clear()
+        kf.keys["k1"] = key
+        kf.current = "k1"
+    both.keys["k2"] = Key("k2", other_key.raw)
+    both.save(tmp_path / "both.toml")
+    only.save(tmp_path / "only.toml")
+    s3.put_object(Bucket=bucket, Key="mine", Body=b"k1's", **sse(key))
+    s3.put_object(Bucket=bucket, Key="theirs", Body=b"k2's", **sse(other_key))
+    settle(s3, bucket)
+    m = mount_factory(bucket, *LONG, keys=tmp_path / "both.toml")
+    assert (m.path / "theirs").read_bytes() == b"k2's"
+    assert set(ls_l(m.path)) == {"mine", "theirs"}
+    m.umount()
+
+    m2 = mount_factory(bucket, *LONG, keys=tmp_path / "only.toml", mount=False)
+    m2.cache_dir = m.cache_dir  # the index the first mount filled
+    m2.mount()
+    before = heads(m2)
+    assert set(ls_l(m2.path)) == {"mine", "theirs"}
+    assert heads(m2) > before, "the entry of a key that left the key file was believed"
+    with pytest.raises(PermissionError):
+        (m2.path / "theirs").read_bytes()
+    assert (m2.path / "mine").read_bytes() == b"k1's"
