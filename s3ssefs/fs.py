@@ -148,6 +148,13 @@ class DirHandle:
     pending: list[tuple[int, str, Node]] = field(default_factory=list)
 
 
+def _renewable(node: Node) -> bool:
+    """A file whose attributes a listing may renew (:meth:`Filesystem._renew`): confirmed
+    against a listing before (``indexed``), in S3, not open here, opened by a key."""
+    return (node.indexed is not None and not node.is_dir and node.data is None
+            and node.remote and not node.locked)
+
+
 class Filesystem(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -672,8 +679,7 @@ class Filesystem(pyfuse3.Operations):
         (``Node.indexed``).  Not while a listing of the directory is still remembered (a
         lookup takes its hint from that) nor as of a time (versions are listed whole)."""
         dpath = node.path.rpartition("/")[0]
-        if node.indexed is None or node.is_dir or node.data is not None or node.locked or \
-                not node.remote or dpath not in self._listed or self.cfg.as_of is not None or \
+        if not _renewable(node) or dpath not in self._listed or self.cfg.as_of is not None or \
                 self.inodes.listing(dpath, self.cfg.dir_ttl) is not None:
             return False
         running = self._renewing.get(dpath)
@@ -689,9 +695,8 @@ class Filesystem(pyfuse3.Operations):
                                                    start_after=self.s3key(node.path)[:-1]):
                 for name, o in self._page_names(dpath, prefix, page)[1].items():
                     n = self.inodes.find(join(dpath, name))
-                    if n is not None and n.indexed == (o.etag, o.size, o.mtime) and \
-                            n.etag == o.etag and n.changed <= asked and n.data is None and \
-                            n.remote and not n.locked and not n.is_dir:
+                    if n is not None and _renewable(n) and n.changed <= asked and \
+                            n.indexed == (o.etag, o.size, o.mtime) and n.etag == o.etag:
                         n.fetched = max(n.fetched, at)
                 break
         except FsError as e:  # the lookup goes on as if this had not been tried

@@ -363,19 +363,19 @@ class MetaIndex:
             if self._db is None or self._cipher is None:
                 return
             cipher = self._cipher
-            stamp = self._stamp()
+            used = self._stamp()
             put, drop = [], []
             for s3key, e in pending.items():
                 rid = self._id(s3key)
                 if e is None:
                     drop.append((rid,))
                 else:
-                    put.append((rid, stamp, cipher.seal(e.pack(), rid)))
+                    put.append((rid, used, cipher.seal(e.pack(), rid)))
             try:
                 with self._db:
                     self._db.executemany("DELETE FROM entries WHERE id=?", drop)
                     self._db.executemany("INSERT OR REPLACE INTO dirs(dir, used) VALUES (?, ?)",
-                                         [(d, stamp) for d in touched])
+                                         [(d, used) for d in touched])
                     self._bound(sum(len(p[2]) + ROW_EXTRA for p in put))
                     self._db.executemany(
                         "INSERT OR REPLACE INTO entries(id, used, sealed) VALUES (?, ?, ?)", put)
