@@ -116,6 +116,7 @@ def test_changes_by_another_client_between_mounts_are_shown(mount_factory: Any, 
     want = fill(m, s3, bucket, key)
     s3.put_object(Bucket=bucket, Key="plain", Body=b"plain", Metadata={"mode": "33188"})
     want["plain"] = (stat.S_IFREG | 0o644, 0, 0, 5, 0)
+    settle(s3, bucket)  # so that all of it is kept, however soon after the writes ls runs
     got = ls_l(m.path)
     want["plain"] = (*want["plain"][:4], got["plain"][4])
     assert got == want
@@ -194,6 +195,7 @@ def test_a_damaged_index_is_discarded(mount_factory: Any, s3: Any, bucket: str, 
                                       damage: str) -> None:
     m = mount_factory(bucket, *LONG)
     want = fill(m, s3, bucket, key)
+    settle(s3, bucket)  # so that all of it is kept, however soon after the writes ls runs
     assert ls_l(m.path) == want
     m.umount()
     (f,) = index_files(m)
@@ -279,6 +281,7 @@ def test_symlinks_after_a_remount_need_no_request(mount_factory: Any, s3: Any, b
     s3.put_object(Bucket=bucket, Key="other", Body=b"../elsewhere", **sse(key),
                   Metadata={"mode": str(stat.S_IFLNK | 0o777)})
     want["other"] = "../elsewhere"
+    settle(s3, bucket)  # so that all of it is kept, however soon after the writes ls runs
     subprocess.run(["ls", "-l", str(m.path)], check=True, capture_output=True)
     m.remount()
     before = mount_stats(m)["requests"]
